@@ -1,0 +1,29 @@
+# Two commands on a fresh machine (Python >= 3.10 with venv):
+#   make run    install, then train the autoencoder on Shapes in fast mode and write a reconstruction grid
+#   make test   install with the test extra, then run the unit, exercise and notebook tests (fast mode)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PIP     = $(BIN)/python -m pip
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml constraints-ci.txt | $(BIN)/python
+	$(PIP) install -q -c constraints-ci.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml constraints-ci.txt | $(BIN)/python
+	$(PIP) install -q -c constraints-ci.txt -e ".[test]"
+	touch $@ $(VENV)/.installed-run
+
+.PHONY: run test lint
+run: $(VENV)/.installed-run
+	MINILDM_FAST=1 $(BIN)/minildm train --out runs/quickstart
+
+test: $(VENV)/.installed-test
+	PATH="$(abspath $(BIN)):$$PATH" MINILDM_FAST=1 $(BIN)/python -m pytest -q tests --nbval-lax notebooks solutions
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check minildm tests benchmarks scripts

@@ -1,0 +1,93 @@
+"""Device, precision and seeding: picked for the student, printed in every notebook's first cell.
+
+Precision rules (COURSE.md, "Modes"):
+- CUDA with bf16 support (Ampere and later): bf16 autocast, no grad scaler.
+- older CUDA (e.g. a Colab T4): fp16 autocast with a grad scaler.
+- Apple MPS and CPU: fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FAST_ENV = "MINILDM_FAST"
+
+
+def fast_mode() -> bool:
+    """True when the environment variable MINILDM_FAST is set to 1/true/yes (CI sets it)."""
+    return os.environ.get(FAST_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """CUDA if present, else Apple MPS, else CPU. `prefer` ("cpu", "cuda", "mps") overrides."""
+    if prefer is not None:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype this device trains in: bf16, fp16 (+ grad scaler) or fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a notebook or command runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+    fast: bool
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self):
+        """Autocast context for forward passes; a no-op in fp32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        mode = "fast (tiny configs, CPU-friendly)" if self.fast else "full"
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            mem = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            where = f"cuda ({name}, {mem:.0f} GiB)"
+        else:
+            where = self.device.type
+        precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler",
+                     torch.float32: "fp32"}[self.dtype]
+        return f"minildm | mode: {mode} | device: {where} | precision: {precision} | torch {torch.__version__}"
+
+
+def setup(seed: int = 0, device: str | None = None, fast: bool | None = None, verbose: bool = True) -> Runtime:
+    """Seed everything, pick device and precision, and (by default) print them. First cell of every notebook."""
+    seed_everything(seed)
+    dev = pick_device(device)
+    rt = Runtime(device=dev, dtype=pick_dtype(dev), fast=fast_mode() if fast is None else fast)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if verbose:
+        print(rt.describe())
+    return rt
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,183 @@
+"""One trainer for every stage: AdamW, autocast, grad scaling, clipping, EMA, checkpoints, resume.
+
+A *task* is an `nn.Module` that knows its models and losses; the `Trainer` knows nothing about
+autoencoders or diffusion. A task provides
+
+- `param_groups() -> {name: parameters}`: one AdamW optimiser per entry, stepped in this order;
+- `losses(batch, step) -> ({name: loss}, {log_name: float})`: one loss per optimiser;
+- `ema_module()`: the module whose exponential moving average is kept (or None);
+- `kind` and `config_dict()`: stored in the checkpoint so the model can be rebuilt.
+
+Batches come from `batch_at(step)`, a function of the step number, so a resumed run sees exactly
+the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm.device import Runtime
+from minildm.ema import EMA
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0  # max global grad norm per optimiser; None disables
+    ema_decay: float | None = 0.999  # None disables EMA
+    ckpt_every: int = 500
+    log_every: int = 25
+    max_seconds: float | None = None  # stop early after this much training time (a wall-clock budget)
+    seed: int = 0
+
+
+class Trainer:
+    """Runs `task` for `cfg.steps` steps, saving to `ckpt_path` and resuming from it if it exists."""
+
+    def __init__(self, task: nn.Module, cfg: TrainConfig, runtime: Runtime, ckpt_path: str | Path | None = None):
+        self.task = task.to(runtime.device)
+        self.cfg, self.rt = cfg, runtime
+        self.ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
+        self.optimizers = {
+            name: torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+            for name, params in task.param_groups().items()
+        }
+        ema_target = task.ema_module()
+        self.ema = EMA(ema_target, decay=cfg.ema_decay) if (cfg.ema_decay and ema_target is not None) else None
+        # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler else None
+        self.step = 0
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+        if self.ckpt_path is not None and self.ckpt_path.exists():
+            self.load(self.ckpt_path)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "kind": self.task.kind,
+            "config": self.task.config_dict(),
+            "train_config": asdict(self.cfg),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "model": self.task.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "history": self.history,
+        }
+
+    def save(self, path: str | Path | None = None) -> Path:
+        return save_checkpoint(path or self.ckpt_path, self.state())
+
+    def load(self, path: str | Path) -> None:
+        state = load_checkpoint(path, kind=self.task.kind, map_location=self.rt.device)
+        self.task.load_state_dict(state["model"])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        if self.ema and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], list(state["history"])
+        self.train_seconds = state.get("train_seconds", 0.0)
+
+    # ---- training ----------------------------------------------------------------------------
+    def train_step(self, batch) -> dict:
+        """One optimisation step of every optimiser; returns the logs."""
+        self.task.train()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        with self.rt.autocast():
+            losses, logs = self.task.losses(batch, self.step)
+        for name, opt in self.optimizers.items():
+            loss = losses[name]
+            if not loss.requires_grad:  # e.g. the discriminator before it is switched on
+                continue
+            opt.zero_grad(set_to_none=True)  # drop grads an earlier loss left on these params
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if self.cfg.grad_clip:
+                params = [p for g in opt.param_groups for p in g["params"]]
+                logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            if self.scaler:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler:
+            self.scaler.update()
+        if self.ema:
+            self.ema.update(self.task.ema_module())
+        return logs
+
+    def fit(self, batch_at: Callable[[int], object], steps: int | None = None, progress: bool = True) -> list[dict]:
+        """Train until `steps` (default cfg.steps) or `cfg.max_seconds` of training; checkpoint on the way."""
+        total = steps if steps is not None else self.cfg.steps
+        bar = tqdm(total=total, initial=self.step, desc=self.task.kind, disable=not progress, dynamic_ncols=True)
+        sync = torch.cuda.synchronize if self.rt.device.type == "cuda" else (lambda: None)
+        sync()
+        t_last, images_since = time.perf_counter(), 0
+        try:
+            while self.step < total:
+                if self.cfg.max_seconds is not None and self.train_seconds >= self.cfg.max_seconds:
+                    break
+                batch = batch_at(self.step)
+                logs = self.train_step(batch)
+                self.step += 1
+                images_since += self.cfg.batch_size
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == total:
+                    sync()
+                    now = time.perf_counter()
+                    self.train_seconds += now - t_last
+                    logs.update(step=self.step, seconds=round(self.train_seconds, 2),
+                                images_per_s=images_since / max(now - t_last, 1e-9))
+                    t_last, images_since = now, 0
+                    self.history.append(logs)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+                if self.ckpt_path is not None and self.step % self.cfg.ckpt_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            if self.ckpt_path is not None:
+                self.save()
+                print(f"\nInterrupted at step {self.step}; saved {self.ckpt_path}. Run again to resume.")
+            raise
+        finally:
+            bar.close()
+        sync()
+        self.train_seconds += time.perf_counter() - t_last
+        if self.ckpt_path is not None:
+            self.save()
+        return self.history
+
+
+def random_batches(dataset, batch_size: int, seed: int = 0, collate=None) -> Callable[[int], object]:
+    """`batch_at(step)` for a map-style data set: a fresh permutation each epoch, fixed by (seed, epoch)."""
+    n = len(dataset)
+    collate = collate or torch.utils.data.default_collate
+
+    @functools.lru_cache(maxsize=2)
+    def permutation(epoch: int) -> list[int]:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+    def batch_at(step: int):
+        positions = (divmod(k, n) for k in range(step * batch_size, (step + 1) * batch_size))
+        return collate([dataset[permutation(epoch)[pos]] for epoch, pos in positions])
+
+    return batch_at
