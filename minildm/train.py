@@ -62,6 +62,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.train_seconds = 0.0
+        self.extra: dict = {}  # plain values a task stores with the checkpoint (e.g. the latent scale factor)
         if self.ckpt_path is not None and self.ckpt_path.exists():
             self.load(self.ckpt_path)
 
@@ -78,6 +79,7 @@ class Trainer:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "history": self.history,
+            "extra": self.extra,
         }
 
     def save(self, path: str | Path | None = None) -> Path:
@@ -94,6 +96,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], list(state["history"])
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.extra = dict(state.get("extra") or {})
 
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, batch) -> dict:
@@ -140,6 +143,7 @@ class Trainer:
                 batch = batch_at(self.step)
                 logs = self.train_step(batch)
                 self.step += 1
+                self.extra.clear()  # values derived from the weights (e.g. a scale factor) are stale now
                 images_since += self.cfg.batch_size
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == total:

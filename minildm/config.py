@@ -1,0 +1,77 @@
+"""Presets: the full configs (one GPU, the committed results) and the fast ones (CI, a CPU laptop).
+
+The configs themselves are plain dataclasses that live beside the code they configure
+(`AutoencoderConfig` in autoencoder.py, `TrainConfig` in train.py, ...). A recipe bundles the ones a
+stage needs. `fast=None` means "ask the environment" (MINILDM_FAST=1 selects fast mode).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from minildm.autoencoder import AutoencoderConfig
+from minildm.data.shapes import ShapesConfig
+from minildm.device import fast_mode
+from minildm.losses import AutoencoderLossConfig
+from minildm.train import TrainConfig
+
+HOLDOUT_SEED = 12345  # Shapes seed of the held-out images every evaluation uses (training uses seed 0)
+
+
+def _fast(fast: bool | None) -> bool:
+    return fast_mode() if fast is None else fast
+
+
+def channel_mult_for(f: int, widths: tuple[int, ...] = (1, 2, 2, 4)) -> tuple[int, ...]:
+    """channel_mult giving downsampling factor f (one level per halving)."""
+    if f not in (1, 2, 4, 8):
+        raise ValueError(f"downsampling factor f must be 1, 2, 4 or 8, got {f}")
+    return widths[: f.bit_length()]
+
+
+@dataclass
+class AutoencoderRecipe:
+    model: AutoencoderConfig
+    loss: AutoencoderLossConfig
+    train: TrainConfig
+    data: ShapesConfig
+
+
+def autoencoder_recipe(regularizer: str = "kl", f: int = 4, fast: bool | None = None) -> AutoencoderRecipe:
+    """The first-stage autoencoder on Shapes. Full: 64 px, about 3 minutes on one modern GPU.
+    Fast: 32 px, tiny widths, a few dozen steps, same code paths."""
+    if _fast(fast):
+        return AutoencoderRecipe(
+            model=AutoencoderConfig(image_size=32, base_channels=16, channel_mult=channel_mult_for(f),
+                                    num_res_blocks=1, regularizer=regularizer, codebook_size=64),
+            loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.5, disc_start=30, disc_channels=16),
+            train=TrainConfig(steps=40, batch_size=16, lr=1e-3, ckpt_every=20, log_every=5),
+            data=ShapesConfig(image_size=32),
+        )
+    return AutoencoderRecipe(
+        model=AutoencoderConfig(image_size=64, base_channels=64, channel_mult=channel_mult_for(f),
+                                num_res_blocks=1, regularizer=regularizer, codebook_size=512),
+        loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.5, disc_start=3000, disc_channels=64),
+        train=TrainConfig(steps=4000, batch_size=64, lr=5e-4, ckpt_every=500, log_every=50, max_seconds=170),
+        data=ShapesConfig(image_size=64),
+    )
+
+
+def project_root() -> Path:
+    """The folder holding pyproject.toml above the working directory (notebooks run in notebooks/),
+    or MINILDM_HOME if set, else the working directory."""
+    if os.environ.get("MINILDM_HOME"):
+        return Path(os.environ["MINILDM_HOME"])
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "minildm").is_dir():
+            return folder
+    return cwd
+
+
+def checkpoint_dir(fast: bool | None = None) -> Path:
+    """Where notebooks and commands keep checkpoints: checkpoints/full or checkpoints/fast, so a tiny
+    fast-mode model is never mistaken for a full one."""
+    return project_root() / "checkpoints" / ("fast" if _fast(fast) else "full")
