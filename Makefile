@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip
+# Real data sets (MNIST, CIFAR-10 test) for the tests and notebooks, where a copy lies beside the checkout.
+export MINILDM_DATA ?= $(wildcard $(abspath ../shared/data))
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -75,3 +75,10 @@ def checkpoint_dir(fast: bool | None = None) -> Path:
     """Where notebooks and commands keep checkpoints: checkpoints/full or checkpoints/fast, so a tiny
     fast-mode model is never mistaken for a full one."""
     return project_root() / "checkpoints" / ("fast" if _fast(fast) else "full")
+
+
+def data_root() -> Path:
+    """Where real data sets live (or are downloaded to): MINILDM_DATA if set, else <project>/data."""
+    if os.environ.get("MINILDM_DATA"):
+        return Path(os.environ["MINILDM_DATA"])
+    return project_root() / "data"
