@@ -16,6 +16,7 @@ from minildm.data.shapes import ShapesConfig
 from minildm.device import fast_mode
 from minildm.losses import AutoencoderLossConfig
 from minildm.train import TrainConfig
+from minildm.unet import UNetConfig
 
 HOLDOUT_SEED = 12345  # Shapes seed of the held-out images every evaluation uses (training uses seed 0)
 
@@ -57,6 +58,64 @@ def autoencoder_recipe(regularizer: str = "kl", f: int = 4, fast: bool | None = 
         train=TrainConfig(steps=4000, batch_size=64, lr=5e-4, ckpt_every=500, log_every=50, max_seconds=170),
         data=ShapesConfig(image_size=64),
     )
+
+
+@dataclass
+class TextConfig:
+    """The caption encoder trained jointly with the UNet (no pretrained weights)."""
+
+    dim: int = 256
+    depth: int = 2
+    heads: int = 4
+    max_length: int = 32  # tokens, <bos> and <eos> included; the longest Shapes caption needs 29
+
+
+@dataclass
+class DiffusionConfig:
+    """How the denoiser is trained and sampled."""
+
+    space: str = "latent"  # "latent" (LDM) or "pixel" (the baseline)
+    schedule: str = "scaled_linear"
+    num_timesteps: int = 1000
+    prediction: str = "eps"  # "eps", "x0" or "v"
+    weighting: str | None = None  # None (LDM eq. 1) or "min_snr"
+    caption_drop: float = 0.1  # probability of training on the empty caption (for classifier-free guidance)
+
+    def __post_init__(self):
+        if self.space not in ("latent", "pixel"):
+            raise ValueError(f"space must be 'latent' or 'pixel', got {self.space!r}")
+
+
+@dataclass
+class DiffusionRecipe:
+    unet: UNetConfig
+    text: TextConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    data: ShapesConfig
+
+
+def diffusion_recipe(space: str = "latent", fast: bool | None = None) -> DiffusionRecipe:
+    """Text-conditioned diffusion on Shapes with the same UNet in both spaces (only its input channels differ).
+    latent: on the 4x16x16 latents of the f=4 KL autoencoder (scaled-linear schedule, as LDM);
+    pixel: on 3x64x64 images (linear schedule, as DDPM). Fast: 32 px, tiny widths, T=100."""
+    fast = _fast(fast)
+    size = 32 if fast else 64
+    channels, resolution = (4, size // 4) if space == "latent" else (3, size)
+    text = TextConfig(dim=64, depth=1) if fast else TextConfig(dim=256, depth=2)
+    if fast:
+        unet = UNetConfig(in_channels=channels, image_size=resolution, base_channels=32, channel_mult=(1, 2),
+                          num_res_blocks=1, attention_levels=(1,), heads=2, context_dim=text.dim, num_timesteps=100)
+        train = TrainConfig(steps=30, batch_size=16, lr=1e-3, ckpt_every=15, log_every=5)
+    else:
+        unet = UNetConfig(in_channels=channels, image_size=resolution, base_channels=128, channel_mult=(1, 2, 3),
+                          num_res_blocks=2, attention_levels=(1, 2), heads=4, context_dim=text.dim)
+        batch = 128 if space == "latent" else 32
+        train = TrainConfig(steps=10**6, batch_size=batch, lr=2e-4, ema_decay=0.999, ckpt_every=1000,
+                            log_every=50, max_seconds=240)
+    diffusion = DiffusionConfig(space=space, schedule="scaled_linear" if space == "latent" else "linear",
+                                num_timesteps=unet.num_timesteps)
+    return DiffusionRecipe(unet=unet, text=text, diffusion=diffusion, train=train, data=ShapesConfig(image_size=size))
 
 
 def project_root() -> Path:

@@ -14,12 +14,17 @@ from torch import nn
 
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.checkpoint import load_checkpoint
-from minildm.config import HOLDOUT_SEED, AutoencoderRecipe
-from minildm.data.shapes import ShapesConfig, ShapesDataset
+from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionConfig, DiffusionRecipe, TextConfig
+from minildm.data.shapes import ShapesConfig, ShapesDataset, vocabulary
+from minildm.diffusion import diffusion_loss
 from minildm.device import Runtime
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import psnr
+from minildm.samplers import ddpm_sample
+from minildm.schedules import NoiseSchedule
+from minildm.text import TextEncoder, WordTokenizer, drop_captions
 from minildm.train import Trainer
+from minildm.unet import UNet, UNetConfig
 
 
 class AutoencoderTask(nn.Module):
@@ -113,3 +118,139 @@ def load_autoencoder(path: str | Path, device="cpu", use_ema: bool = True) -> Au
     if (state.get("extra") or {}).get("scale_factor") is not None:
         autoencoder.scale_factor.fill_(state["extra"]["scale_factor"])
     return autoencoder.eval()
+
+
+# ==================================================================================================
+# Stages 3-6: text-conditioned diffusion, in pixel space or on the autoencoder's latents
+# ==================================================================================================
+
+
+class Denoiser(nn.Module):
+    """The trained part of text-to-image diffusion: caption encoder tau_theta + UNet eps_theta."""
+
+    def __init__(self, unet_cfg: UNetConfig, text_cfg: TextConfig, tokenizer: WordTokenizer):
+        super().__init__()
+        if unet_cfg.context_dim != text_cfg.dim:
+            raise ValueError(f"the UNet's context_dim ({unet_cfg.context_dim}) must equal the text encoder's "
+                             f"dim ({text_cfg.dim})")
+        self.tokenizer, self.text_cfg = tokenizer, text_cfg
+        self.text_encoder = TextEncoder(tokenizer.vocab_size, text_cfg.dim, text_cfg.depth, text_cfg.heads,
+                                        text_cfg.max_length)
+        self.unet = UNet(unet_cfg)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> context (B, L, dim) for the UNet's cross-attention."""
+        ids = self.tokenizer.encode(captions, self.text_cfg.max_length, truncate=True)
+        return self.text_encoder(ids.to(self.unet.conv_in.weight.device))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, context)
+
+
+class DiffusionTask(nn.Module):
+    """Stages 5-6: the loss of LDM eq. (1) on (latents or pixels, captions) batches."""
+
+    kind = "diffusion"
+
+    def __init__(self, unet_cfg: UNetConfig, text_cfg: TextConfig, diffusion_cfg: DiffusionConfig,
+                 tokenizer: WordTokenizer | None = None):
+        super().__init__()
+        self.unet_cfg, self.text_cfg, self.diffusion_cfg = unet_cfg, text_cfg, diffusion_cfg
+        self.denoiser = Denoiser(unet_cfg, text_cfg, tokenizer or WordTokenizer(vocabulary()))
+        self.schedule = NoiseSchedule.from_name(diffusion_cfg.schedule, T=diffusion_cfg.num_timesteps)
+        self.drop_generator = torch.Generator().manual_seed(0)
+
+    def param_groups(self) -> dict:
+        return {"denoiser": list(self.denoiser.parameters())}
+
+    def losses(self, batch: dict, step: int):
+        x0 = batch["x"]
+        self.schedule.to(x0.device)
+        captions = drop_captions(batch["caption"], self.diffusion_cfg.caption_drop, self.drop_generator)
+        context = self.denoiser.encode_text(captions)
+        cfg = self.diffusion_cfg
+        loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, context)
+        return {"denoiser": loss}, {"loss": logs["loss"], "mse": logs["mse"]}
+
+    def ema_module(self) -> nn.Module:
+        return self.denoiser
+
+    def config_dict(self) -> dict:
+        return {"unet": asdict(self.unet_cfg), "text": asdict(self.text_cfg),
+                "diffusion": asdict(self.diffusion_cfg), "tokenizer": self.denoiser.tokenizer.state_dict()}
+
+
+def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime,
+                       autoencoder: Autoencoder | None = None):
+    """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...]} from the Shapes data set.
+    With an autoencoder the images are encoded on the fly (frozen, no gradients): that is latent diffusion."""
+    images = shapes_batch_fn(data_cfg, batch_size, runtime.device)
+
+    def batch_at(step: int) -> dict:
+        batch = images(step)
+        x = batch["image"]
+        if autoencoder is not None:
+            with torch.no_grad(), runtime.autocast():
+                x = autoencoder.encode_latents(x).float()
+        return {"x": x, "caption": batch["caption"]}
+
+    return batch_at
+
+
+@torch.no_grad()
+def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, shape: tuple[int, int, int],
+             runtime: Runtime, prediction: str = "eps", guidance_scale: float = 3.0,
+             autoencoder: Autoencoder | None = None, seed: int = 0, return_trajectory: bool = False):
+    """Sample one image per caption with DDPM and classifier-free guidance; decode latents if an
+    autoencoder is given. Returns images (B, 3, H, W) in [-1, 1] (and the trajectory if asked)."""
+    denoiser.eval()
+    schedule.to(runtime.device)
+    context = denoiser.encode_text(captions)
+    uncond = denoiser.encode_text([""] * len(captions))
+    generator = torch.Generator(device=runtime.device).manual_seed(seed)
+
+    def model(x, t, c):
+        with runtime.autocast():
+            return denoiser(x, t, c).float()
+
+    result = ddpm_sample(model, (len(captions), *shape), schedule, context=context, prediction=prediction,
+                         generator=generator, device=runtime.device, guidance_scale=guidance_scale,
+                         uncond_context=uncond, return_trajectory=return_trajectory,
+                         clip_x0=None if autoencoder is not None else 1.0)
+    x, trajectory = result if return_trajectory else (result, None)
+    if autoencoder is not None:
+        with runtime.autocast():
+            x = autoencoder.decode_latents(x).float()
+    x = x.clamp(-1, 1)
+    return (x, trajectory) if return_trajectory else x
+
+
+def train_diffusion(recipe: DiffusionRecipe, runtime: Runtime, ckpt_path: str | Path, autoencoder: Autoencoder | None = None,
+                    progress: bool = True):
+    """Train (or resume, or load when finished) a text-conditioned denoiser; returns (EMA denoiser, schedule,
+    history). Latent space needs the trained `autoencoder`; pixel space takes None."""
+    if (recipe.diffusion.space == "latent") != (autoencoder is not None):
+        raise ValueError(f"space={recipe.diffusion.space!r} needs "
+                         f"{'a trained autoencoder' if recipe.diffusion.space == 'latent' else 'autoencoder=None'}")
+    task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
+    trainer = Trainer(task, recipe.train, runtime, ckpt_path)
+    trainer.fit(diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder), progress=progress)
+    if trainer.ema is not None:
+        trainer.ema.copy_to(task.denoiser)
+    return task.denoiser.eval(), task.schedule, trainer.history
+
+
+def load_diffusion(path: str | Path, device="cpu", use_ema: bool = True):
+    """Rebuild (denoiser, schedule, DiffusionConfig) from a diffusion checkpoint."""
+    state = load_checkpoint(path, kind="diffusion", map_location=device)
+    cfg = state["config"]
+    task = DiffusionTask(UNetConfig(**cfg["unet"]), TextConfig(**cfg["text"]), DiffusionConfig(**cfg["diffusion"]),
+                         WordTokenizer.from_state_dict(cfg["tokenizer"]))
+    task.load_state_dict(state["model"])
+    denoiser = task.denoiser.to(device)
+    if use_ema and state.get("ema"):
+        params = dict(denoiser.named_parameters())
+        with torch.no_grad():
+            for name, value in state["ema"]["shadow"].items():
+                params[name].copy_(value)
+    return denoiser.eval(), task.schedule, task.diffusion_cfg

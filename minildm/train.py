@@ -118,7 +118,7 @@ class Trainer:
                 loss.backward()
             if self.cfg.grad_clip:
                 params = [p for g in opt.param_groups for p in g["params"]]
-                logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+                logs[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             if self.scaler:
                 self.scaler.step(opt)
             else:
@@ -150,6 +150,7 @@ class Trainer:
                     sync()
                     now = time.perf_counter()
                     self.train_seconds += now - t_last
+                    logs = {k: float(v) for k, v in logs.items()}  # one device sync per log line, not per step
                     logs.update(step=self.step, seconds=round(self.train_seconds, 2),
                                 images_per_s=images_since / max(now - t_last, 1e-9))
                     t_last, images_since = now, 0
