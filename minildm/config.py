@@ -54,7 +54,7 @@ def autoencoder_recipe(regularizer: str = "kl", f: int = 4, fast: bool | None = 
     return AutoencoderRecipe(
         model=AutoencoderConfig(image_size=64, base_channels=64, channel_mult=channel_mult_for(f),
                                 num_res_blocks=1, regularizer=regularizer, codebook_size=512),
-        loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.5, disc_start=3000, disc_channels=64),
+        loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.5, disc_start=1500, disc_channels=64),
         train=TrainConfig(steps=4000, batch_size=64, lr=5e-4, ckpt_every=500, log_every=50, max_seconds=170),
         data=ShapesConfig(image_size=64),
     )
