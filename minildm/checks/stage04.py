@@ -1,0 +1,192 @@
+"""Checkers for exercise 04 (the denoiser's building blocks): the sinusoidal timestep embedding,
+scaled dot-product attention, the head split and one cross-attention layer.
+References: minildm.unet (timestep_embedding, attention_reference, Attention)."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from minildm import unet as ref
+from minildm.checks import ExerciseError, call, expect_tensor, passed
+
+
+def _run(fn, name: str, case: str, *args, hint: str = ""):
+    """Call the student's function; an exception from inside it becomes a message naming the case."""
+    try:
+        return call(fn, name, *args)
+    except ExerciseError:
+        raise
+    except Exception as e:  # any error in the student's code is reported, with its traceback
+        raise ExerciseError(f"{name} ({case}): your function raised {type(e).__name__}: {e}. {hint}".strip()) from e
+
+
+def _known_mistake(got, mistakes: dict[str, torch.Tensor], name: str, case: str) -> None:
+    """Raise with a specific explanation when `got` equals the result of a typical wrong answer."""
+    if not isinstance(got, torch.Tensor):
+        return
+    for message, wrong in mistakes.items():
+        if got.shape == wrong.shape and torch.allclose(got.detach().double(), wrong.double(), rtol=1e-4, atol=1e-5):
+            raise ExerciseError(f"{name} ({case}): {message}")
+
+
+# ---- 1. timestep embedding ----------------------------------------------------------------------
+
+
+def check_timestep_embedding(fn) -> None:
+    """fn(t (B,), dim) -> (B, dim) float32: [cos(t f_0..f_{h-1}), sin(t f_0..f_{h-1})], zero-padded if dim is odd."""
+    name = "timestep_embedding"
+    for case, t, dim in [("t = 0, dim 8: cos(0) = 1 fills the first half, sin(0) = 0 the second",
+                          torch.zeros(3, dtype=torch.long), 8),
+                         ("int64 t = [0, 1, 7, 999], dim 32", torch.tensor([0, 1, 7, 999]), 32),
+                         ("float t = [0.5, 250.25], dim 6", torch.tensor([0.5, 250.25]), 6),
+                         ("odd dim 7, t = [3, 40, 500]", torch.tensor([3, 40, 500]), 7)]:
+        got = _run(fn, name, case, t, dim)
+        expected = ref.timestep_embedding(t, dim)
+        half = dim // 2
+        cos, sin = expected[:, :half], expected[:, half:2 * half]
+        pad = expected[:, 2 * half:]
+        _known_mistake(got, {
+            "the sin and cos halves are swapped: the package (and this exercise) puts the cosines first.":
+                torch.cat([sin, cos, pad], 1),
+            "cos and sin are interleaved (cos, sin, cos, sin, ...); put all cosines first, then all sines.":
+                torch.cat([rearrange(torch.stack([cos, sin], -1), "b h two -> b (h two)"), pad], 1),
+        }, name, case)
+        if isinstance(got, torch.Tensor) and dim % 2 and got.shape == (len(t), dim - 1):
+            raise ExerciseError(f"{name} ({case}): expected shape {(len(t), dim)}, got {tuple(got.shape)}: "
+                                "for an odd dim, append one column of zeros (e.g. torch.nn.functional.pad).")
+        expect_tensor(got, expected, name, case, atol=1e-4)
+    passed(name, "cosines then sines at frequencies exp(-ln(10000) i / half), odd dims zero-padded")
+
+
+# ---- 2. attention -----------------------------------------------------------------------------------
+
+
+def _qkv(seed: int, b=2, h=3, nq=5, nk=4, d=8, dv=6, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=g).requires_grad_(requires_grad)
+                 for shape in ((b, h, nq, d), (b, h, nk, d), (b, h, nk, dv)))
+
+
+def check_attention(fn) -> None:
+    """fn(q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv)) -> softmax(q k^T / sqrt(d)) v (..., Nq, dv)."""
+    name = "attention"
+    q, k, v = _qkv(0)
+    same_keys = k[:, :, :1].expand_as(k)
+    expect_tensor(_run(fn, name, "all keys equal", q, same_keys, v), v.mean(2, keepdim=True).expand(2, 3, 5, 6),
+                  name, "all keys equal: every query must weigh the 4 values equally, giving their mean "
+                  "(softmax over the keys, the last axis of q k^T)")
+    for seed in (1, 2):
+        q, k, v = _qkv(seed, d=16)
+        case = f"random q (2, 3, 5, 16), k (2, 3, 4, 16), v (2, 3, 4, 6), seed {seed}"
+        got = _run(fn, name, case, q, k, v)
+        scores = q @ k.transpose(-2, -1)
+        _known_mistake(got, {
+            "the scores are not scaled: divide q k^T by sqrt(d), d = q.shape[-1] (Vaswani et al. 2017, eq. 1).":
+                scores.softmax(-1) @ v,
+            "the scores are divided by d; the scale is 1 / sqrt(d).": (scores / 16).softmax(-1) @ v,
+        }, name, case)
+        expect_tensor(got, ref.attention_reference(q, k, v), name, case)
+    q, k, v = _qkv(3, requires_grad=True)
+    out = _run(fn, name, "gradient", q, k, v)
+    if not out.requires_grad:
+        raise ExerciseError(f"{name}: the output has no gradient; do not detach or use torch.no_grad.")
+    out.pow(2).sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref.attention_reference(q2, k2, v2).pow(2).sum().backward()
+    for label, got_grad, want in (("q", q.grad, q2.grad), ("k", k.grad, k2.grad), ("v", v.grad, v2.grad)):
+        expect_tensor(got_grad, want, name, f"gradient w.r.t. {label}", atol=1e-4)
+    passed(name, "softmax over keys of q k^T / sqrt(d), times v; works for Nq != Nk, dv != d; gradients flow")
+
+
+# ---- 3. heads ------------------------------------------------------------------------------------------
+
+
+def check_split_heads(fn) -> None:
+    """fn(x (B, N, heads * d), heads) -> (B, heads, N, d), channel c = i * d + j going to head i, entry j."""
+    name = "split_heads"
+    x = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
+    for heads in (2, 4, 1):
+        case = f"x (2, 3, 8) = arange, heads={heads}"
+        got = _run(fn, name, case, x, heads)
+        d = 8 // heads
+        _known_mistake(got, {
+            "the channels were split as (d, heads); the projections group them as (heads, d): head i owns "
+            "channels i*d .. (i+1)*d - 1. Use rearrange(x, 'b n (h d) -> b h n d', h=heads).":
+                rearrange(x, "b n (d h) -> b h n d", h=heads),
+            "a plain reshape to (B, heads, N, d) mixes tokens and channels; split the channel axis into "
+            "(heads, d) first, then move heads in front of N.": x.reshape(2, heads, 3, d),
+        } if heads > 1 else {}, name, case)
+        expect_tensor(got, rearrange(x, "b n (h d) -> b h n d", h=heads), name, case)
+    try:
+        result = call(fn, name, torch.zeros(1, 2, 10), 3)
+    except ValueError:
+        pass
+    except ExerciseError:
+        raise
+    except Exception as e:
+        raise ExerciseError(f"{name} (10 channels, 3 heads): raised {type(e).__name__}; check first and raise a "
+                            "ValueError that names the problem (channels not divisible by heads).") from e
+    else:
+        raise ExerciseError(f"{name} (10 channels, 3 heads): returned a result of shape "
+                            f"{tuple(getattr(result, 'shape', ()))} instead of raising ValueError: 10 channels "
+                            "cannot be split into 3 equal heads.")
+    passed(name, "(B, N, heads*d) -> (B, heads, N, d) in the (heads, d) channel layout; bad head counts raise")
+
+
+# ---- 4. cross-attention --------------------------------------------------------------------------------
+
+
+def _layer(seed: int, query_dim: int, context_dim: int, heads: int, head_dim: int) -> ref.Attention:
+    with torch.random.fork_rng(devices=[]):  # seed the default (random) initialisation, leave the caller's RNG
+        torch.manual_seed(seed)
+        return ref.Attention(query_dim, context_dim, heads, head_dim)
+
+
+def _weights(layer: ref.Attention):
+    return layer.to_q.weight, layer.to_k.weight, layer.to_v.weight, layer.to_out.weight, layer.to_out.bias
+
+
+def check_cross_attention(fn) -> None:
+    """fn(x (B, N, query_dim), context (B, L, context_dim), w_q, w_k, w_v, w_out, b_out, heads) -> (B, N, query_dim),
+    the same map as minildm.unet.Attention with those weights."""
+    name = "cross_attention"
+    hint = "Queries come from x, keys and values from context; check the shapes of each step."
+    g = torch.Generator().manual_seed(0)
+    for case, (n, length, query_dim, context_dim, heads, head_dim) in {
+        "x (2, 6, 12), context (2, 5, 10), 3 heads of width 4": (6, 5, 12, 10, 3, 4),
+        "x (2, 9, 8), a length-1 context (2, 1, 16) like a class label, 4 heads of width 8": (9, 1, 8, 16, 4, 8),
+        "x (2, 4, 6), context (2, 7, 6), one head of width 5": (4, 7, 6, 6, 1, 5),
+    }.items():
+        layer = _layer(n, query_dim, context_dim, heads, head_dim)
+        x, context = torch.randn(2, n, query_dim, generator=g), torch.randn(2, length, context_dim, generator=g)
+        with torch.no_grad():
+            got = _run(fn, name, case, x, context, *_weights(layer), heads, hint=hint)
+            mistakes = {"the output bias b_out is missing: the output projection is x @ w_out.T + b_out.":
+                        layer(x, context) - layer.to_out.bias}
+            if context_dim == query_dim:
+                mistakes["keys and values were computed from x: in cross-attention they come from the "
+                         "context (the conditioning sequence), only the queries come from x."] = layer(x)
+        _known_mistake(got, mistakes, name, case)
+        expect_tensor(got, layer(x, context).detach(), name, case, atol=1e-5)
+
+    layer = _layer(1, 12, 10, 3, 4)
+    x, context = torch.randn(2, 6, 12, generator=g), torch.randn(2, 5, 10, generator=g)
+    with torch.no_grad():
+        a = _run(fn, name, "context dependence", x, context, *_weights(layer), 3, hint=hint)
+        b = _run(fn, name, "context dependence", x, torch.randn(2, 5, 10, generator=g), *_weights(layer), 3)
+    if torch.allclose(a, b):
+        raise ExerciseError(f"{name}: the output does not change when the context changes; keys and values "
+                            "must be computed from the context.")
+    out = _run(fn, name, "gradient", x, context, *_weights(layer), 3, hint=hint)
+    if not out.requires_grad:
+        raise ExerciseError(f"{name}: the output has no gradient w.r.t. the weights; do not detach.")
+    weight = torch.randn(out.shape, generator=g)
+    (out * weight).sum().backward()
+    got_grads = [p.grad.clone() for p in _weights(layer)]
+    layer.zero_grad()
+    (layer(x, context) * weight).sum().backward()
+    for label, got_grad, p in zip(("w_q", "w_k", "w_v", "w_out", "b_out"), got_grads, _weights(layer)):
+        expect_tensor(got_grad, p.grad, name, f"gradient w.r.t. {label}", atol=1e-4)
+    passed(name, "matches minildm.unet.Attention (any context length and width), depends on the context, "
+                 "gradients reach every weight")
