@@ -112,7 +112,7 @@ def diffusion_recipe(space: str = "latent", fast: bool | None = None) -> Diffusi
                           num_res_blocks=2, attention_levels=(1, 2), heads=4, context_dim=text.dim)
         batch = 128 if space == "latent" else 32
         train = TrainConfig(steps=10**6, batch_size=batch, lr=2e-4, ema_decay=0.999, ckpt_every=1000,
-                            log_every=50, max_seconds=240)
+                            log_every=50, max_seconds=180)
     diffusion = DiffusionConfig(space=space, schedule="scaled_linear" if space == "latent" else "linear",
                                 num_timesteps=unet.num_timesteps)
     return DiffusionRecipe(unet=unet, text=text, diffusion=diffusion, train=train, data=ShapesConfig(image_size=size))

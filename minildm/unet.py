@@ -1,0 +1,446 @@
+"""Stage 4: the denoiser eps_theta(x_t, t, context) of latent diffusion, a time-conditional UNet.
+
+Read top to bottom; each piece is one idea:
+
+1. `timestep_embedding`: sinusoidal features of the timestep t (Vaswani et al. 2017, Sec. 3.5; used for
+   diffusion by Ho et al. 2020, Sec. 4 and Appendix B).
+2. `ResBlock`: GroupNorm-SiLU-conv twice, the time embedding entering as a per-channel scale and shift of
+   the second normalisation ("scale-shift norm", Dhariwal & Nichol 2021, Sec. 3).
+3. `attention_reference`, `Attention`: softmax(q k^T / sqrt(d)) v with several heads, as self-attention
+   (keys from x) or cross-attention (keys from a conditioning sequence).
+4. `TransformerBlock`, `SpatialTransformer`: the LDM block through which image features attend to the
+   conditioning sequence tau_theta(y) (Rombach et al. 2022, Sec. 3.3, eq. (2) and Appendix E.2).
+5. `Downsample`, `Upsample`, `UNetConfig`, `UNet`: the UNet of Ho et al. 2020 (Appendix B), with the
+   blocks above at the resolutions named in `UNetConfig.attention_levels`.
+
+Conditioning: the UNet knows only a `context` sequence of shape (B, L, context_dim). Class labels become a
+length-1 sequence (`minildm.text.ClassEmbedder`), captions a sequence of token features
+(`minildm.text.TextEncoder`). Both live in `minildm.text`; this module imports nothing from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------
+# 1. Timestep embedding
+# --------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps t (B,) (int or float) -> (B, dim).
+
+    Ordering: [cos(t f_0), ..., cos(t f_{h-1}), sin(t f_0), ..., sin(t f_{h-1})] with h = dim // 2 and
+    frequencies f_i = exp(-ln(max_period) * i / h), from 1 down to nearly 1/max_period. An odd `dim` gets
+    one column of zeros at the end.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, 2 * half)
+    return F.pad(emb, (0, dim % 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Residual block with scale-shift time conditioning
+# --------------------------------------------------------------------------------------------------
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm (Wu & He 2018) with 32 groups, or the largest count below that dividing `channels`."""
+    groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero the weights (and bias) of a layer, so that a residual branch starts as the identity map."""
+    nn.init.zeros_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """h = conv(SiLU(GN(x))); h = GN(h) * (1 + scale) + shift with (scale, shift) = Linear(emb);
+    out = skip(x) + conv(dropout(SiLU(h))).
+
+    The scale-shift norm of Dhariwal & Nichol 2021 (Sec. 3): the timestep modulates every channel after
+    normalisation. `emb` (B, time_dim) is the UNet's time embedding after a SiLU (the UNet applies it
+    once for all blocks). The last conv starts at zero, so a fresh block is the identity (plus a 1x1 skip
+    projection when the channel count changes).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        scale, shift = rearrange(self.time_proj(emb), "b c -> b c 1 1").chunk(2, dim=1)  # (B, out_ch, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Attention
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention weights softmax(q k^T / sqrt(d)): (..., Nq, d), (..., Nk, d) -> (..., Nq, Nk).
+
+    `mask` (broadcastable to (..., Nq, Nk), bool): True where a query may attend to a key.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention written out: softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. (1)).
+
+    q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv) -> (..., Nq, dv). `F.scaled_dot_product_attention`
+    computes the same in one fused kernel, without storing the (Nq, Nk) matrix of weights.
+    """
+    return attention_probs(q, k, mask) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from x (B, N, query_dim), keys and values from `context`
+    (B, L, context_dim) for cross-attention or from x itself for self-attention.
+
+    Set `store_maps = True` to keep the attention weights (B, heads, N, L) of each call in `self.maps`
+    (computed a second time, explicitly, so that they can be drawn; notebook 08 shows them per token).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 4, head_dim: int = 32):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, query_dim)
+        self.store_maps = False
+        self.maps: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, query_dim), context (B, L, context_dim) or None, key_mask (B, L) bool, True = attend."""
+        context = x if context is None else context
+        q, k, v = (rearrange(p, "b n (h d) -> b h n d", h=self.heads)
+                   for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        mask = None if key_mask is None else rearrange(key_mask, "b l -> b 1 1 l")
+        if self.store_maps:
+            self.maps = attention_probs(q, k, mask).detach()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Transformer blocks on image features
+# --------------------------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020): W_out (a * GELU(g)) with [a, g] = W_in x, hidden width mult * dim."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(a * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block on tokens x (B, N, dim), each sub-layer residual:
+
+        x = x + SelfAttn(LN(x));  x = x + CrossAttn(LN(x), context);  x = x + FF(LN(x)).
+
+    Built without `context_dim` it has no cross-attention sub-layer (the unconditional case).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, None, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim) if context_dim is not None else None
+        self.attn2 = Attention(dim, context_dim, heads, head_dim) if context_dim is not None else None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if (context is None) != (self.attn2 is None):
+            raise ValueError("TransformerBlock: pass a context exactly when the block was built with a "
+                             f"context_dim (has cross-attention: {self.attn2 is not None}, "
+                             f"got context: {context is not None})")
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """The LDM SpatialTransformer (Rombach et al. 2022, Sec. 3.3): image features as a sequence of tokens.
+
+    x (B, C, H, W) -> GroupNorm -> tokens (B, H*W, C) -> 1x1 projection -> `depth` TransformerBlocks
+    -> 1x1 projection back (zero-initialised) -> (B, C, H, W), added to x. The 1x1 convolutions are
+    written as Linear layers on the tokens, which is the same map.
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int = 1, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Linear(channels, inner)
+        self.blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
+        self.proj_out = zero_init(nn.Linear(inner, channels))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        tokens = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, H*W, inner)
+        for block in self.blocks:
+            tokens = block(tokens, context)
+        return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. The UNet
+# --------------------------------------------------------------------------------------------------
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour x2, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Sequential):
+    """A few layers run in order, each given what it needs: ResBlocks the time embedding,
+    SpatialTransformers the context, Downsample/Upsample only x."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of the denoiser. Level i works at resolution image_size / 2**i with
+    base_channels * channel_mult[i] channels.
+
+    - out_channels: None means the same as in_channels (eps, x0 and v all have the input's shape).
+    - attention_levels: the levels whose ResBlocks are each followed by a SpatialTransformer; the middle
+      block always has one.
+    - heads: attention heads; the head width is channels // heads at each level.
+    - context_dim: None for an unconditional UNet; an int for cross-attention to a (B, L, context_dim)
+      sequence (class embeddings or text features).
+    - num_timesteps: the number of diffusion steps T, for checking that t lies in [0, T - 1]
+      (floats in that range are fine, for continuous-time samplers); None switches the check off.
+    - image_size: the training resolution; only checked for divisibility, any divisible size runs.
+    """
+
+    in_channels: int = 4
+    out_channels: int | None = None
+    image_size: int = 16
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 3)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (1, 2)
+    heads: int = 4
+    transformer_depth: int = 1
+    context_dim: int | None = None
+    dropout: float = 0.0
+    num_timesteps: int | None = 1000
+
+    def __post_init__(self):
+        self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+        levels = len(self.channel_mult)
+        if any(not 0 <= level < levels for level in self.attention_levels):
+            raise ValueError(f"attention_levels {self.attention_levels} names levels that do not exist: "
+                             f"channel_mult {self.channel_mult} has levels 0..{levels - 1}")
+        if self.num_res_blocks < 1 or self.transformer_depth < 1:
+            raise ValueError("num_res_blocks and transformer_depth must be at least 1, got "
+                             f"{self.num_res_blocks} and {self.transformer_depth}")
+        if self.image_size % self.downsample_factor:
+            raise ValueError(f"image_size {self.image_size} is not divisible by {self.downsample_factor} "
+                             f"({levels - 1} downsamplings for channel_mult {self.channel_mult})")
+        for level in {*self.attention_levels, levels - 1}:  # the middle block works at the last level
+            ch = self.base_channels * self.channel_mult[level]
+            if ch % self.heads:
+                raise ValueError(f"level {level} has {ch} channels, not divisible by heads={self.heads}; "
+                                 "change heads or base_channels")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be None (unconditional) or positive, got {self.context_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """How much smaller the deepest level is than the input: 2 ** (number of levels - 1)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, context): (B, in_channels, H, W) -> (B, out_channels, H, W).
+
+    time MLP: timestep_embedding -> Linear -> SiLU -> Linear (width 4 * base_channels) -> SiLU, the last
+              SiLU shared by all ResBlocks (each then applies its own Linear)
+    down:     conv_in, then per level num_res_blocks x [ResBlock (+ SpatialTransformer)] and a
+              Downsample between levels; every output is kept as a skip connection
+    mid:      ResBlock, SpatialTransformer, ResBlock
+    up:       per level, mirrored, num_res_blocks + 1 x [ResBlock on concat(h, skip) (+ SpatialTransformer)]
+              and an Upsample between levels
+    out:      GroupNorm -> SiLU -> conv_out (zero-initialised: a fresh UNet predicts exactly 0)
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        base, time_dim, last = cfg.base_channels, 4 * cfg.base_channels, len(cfg.channel_mult) - 1
+        self.time_embed = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim),
+                                        nn.SiLU())
+        self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+
+        def block(in_ch: int, out_ch: int, attend: bool) -> list[nn.Module]:
+            layers: list[nn.Module] = [ResBlock(in_ch, out_ch, time_dim, cfg.dropout)]
+            if attend:
+                layers.append(SpatialTransformer(out_ch, cfg.heads, out_ch // cfg.heads,
+                                                 cfg.transformer_depth, cfg.context_dim))
+            return layers
+
+        self.down = nn.ModuleList()
+        skip_channels, ch = [base], base
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Stage(*block(ch, base * mult, level in cfg.attention_levels)))
+                ch = base * mult
+                skip_channels.append(ch)
+            if level != last:
+                self.down.append(Stage(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.mid = Stage(*block(ch, ch, True), ResBlock(ch, ch, time_dim, cfg.dropout))
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = block(ch + skip_channels.pop(), base * mult, level in cfg.attention_levels)
+                ch = base * mult
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(Stage(*layers))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t scalar or (B,) in [0, num_timesteps - 1], context (B, L, context_dim) or None."""
+        t = self.check_inputs(x, t, context)
+        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))  # (B, 4 * base)
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb, context)
+            skips.append(h)
+        h = self.mid(h, emb, context)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None) -> torch.Tensor:
+        """Raise a ValueError naming the problem for any input the UNet cannot use; return t as (B,)."""
+        cfg = self.cfg
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects images x of shape (B, C, H, W), got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"UNet was built with in_channels={cfg.in_channels} but x has {c} channels")
+        f = cfg.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"UNet got {h}x{w} images but needs H and W divisible by {f} "
+                             f"({len(cfg.channel_mult) - 1} downsamplings); resize or pad the images, "
+                             "or use fewer levels in channel_mult")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a scalar or have shape (B,) = ({b},), got shape {tuple(t.shape)}")
+        # A Python-side check needs the values on the host; it is skipped inside torch.compile.
+        T = cfg.num_timesteps
+        if T is not None and not torch.compiler.is_compiling() and ((t < 0) | (t > T - 1)).any():
+            raise ValueError(f"t must lie in [0, {T - 1}] (num_timesteps={T}), "
+                             f"got values in [{t.min().item()}, {t.max().item()}]")
+        self._check_context(b, context)
+        return t
+
+    def _check_context(self, b: int, context: torch.Tensor | None) -> None:
+        dim = self.cfg.context_dim
+        if dim is None:
+            if context is not None:
+                raise ValueError("this UNet is unconditional (context_dim=None) but got a context; "
+                                 "pass context=None or build it with UNetConfig(context_dim=...)")
+            return
+        if context is None:
+            raise ValueError(f"this UNet was built with context_dim={dim} and needs a context of shape "
+                             f"(B, L, {dim}); for the unconditional branch of classifier-free guidance "
+                             "pass the embedding of the null class or of the empty caption")
+        if context.ndim != 3:
+            raise ValueError(f"context must have shape (B, L, {dim}), got shape {tuple(context.shape)}")
+        if context.shape[-1] != dim:
+            raise ValueError(f"context has width {context.shape[-1]} but this UNet was built with "
+                             f"context_dim={dim}")
+        if context.shape[0] != b:
+            raise ValueError(f"context has batch size {context.shape[0]} but x has {b}; give one context "
+                             "sequence per image (e.g. context.expand(B, -1, -1))")
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Number of parameters in each top-level block of `model`, plus "total"."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
