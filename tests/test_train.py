@@ -1,0 +1,118 @@
+"""The trainer: a resumed run equals an uninterrupted one; interruptions save; EMA and logs behave."""
+
+import pytest
+import torch
+from torch import nn
+
+from minildm.checkpoint import CheckpointError, load_checkpoint
+from minildm.device import Runtime
+from minildm.train import Trainer, TrainConfig, random_batches
+
+CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, fast=True)
+
+
+class LinearRegression(nn.Module):
+    """A toy task: fit y = 3x - 1 with one linear layer (plus a second optimiser, as a GAN would have)."""
+
+    kind = "toy"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Linear(1, 1)
+        self.critic = nn.Linear(1, 1)
+
+    def param_groups(self):
+        return {"model": list(self.model.parameters()), "critic": list(self.critic.parameters())}
+
+    def losses(self, batch, step):
+        x, y = batch
+        loss = (self.model(x) - y).pow(2).mean()
+        critic = self.critic(x).pow(2).mean()
+        return {"model": loss, "critic": critic}, {"loss": loss.detach()}
+
+    def ema_module(self):
+        return self.model
+
+    def config_dict(self):
+        return {"in": 1}
+
+
+def batch_at(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 1, generator=g)
+    return x, 3 * x - 1
+
+
+def config(**changes):
+    return TrainConfig(**{"steps": 20, "batch_size": 16, "lr": 0.05, "ckpt_every": 5, "log_every": 5, **changes})
+
+
+def test_training_reduces_the_loss_and_logs_floats():
+    trainer = Trainer(LinearRegression(), config(), CPU)
+    history = trainer.fit(batch_at, progress=False)
+    assert [h["step"] for h in history] == [5, 10, 15, 20]
+    assert all(isinstance(v, (float, int)) for v in history[-1].values()), "logs must be plain numbers, not tensors"
+    assert history[-1]["loss"] < 0.2 * history[0]["loss"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = Trainer(LinearRegression(), config(), CPU)
+    straight.fit(batch_at, progress=False)
+
+    first = Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt")
+    first.fit(batch_at, steps=10, progress=False)  # "interrupted" after 10 steps, checkpoint on disk
+    resumed = Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt")
+    assert resumed.step == 10
+    resumed.fit(batch_at, progress=False)
+
+    for a, b in zip(straight.task.state_dict().values(), resumed.task.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(straight.ema.shadow.values(), resumed.ema.shadow.values()):
+        torch.testing.assert_close(a, b)
+    assert [h["step"] for h in resumed.history] == [5, 10, 15, 20]
+
+
+def test_keyboard_interrupt_saves_a_checkpoint_to_resume_from(tmp_path):
+    def interrupting(step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return batch_at(step)
+
+    trainer = Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(interrupting, progress=False)
+    state = load_checkpoint(tmp_path / "ck.pt", kind="toy")
+    assert state["step"] == 7 and set(state["optimizers"]) == {"model", "critic"}
+
+
+def test_time_budget_stops_training_and_is_remembered(tmp_path):
+    trainer = Trainer(LinearRegression(), config(steps=10**6, max_seconds=0.0), CPU, tmp_path / "ck.pt")
+    trainer.fit(batch_at, progress=False)
+    assert trainer.step == 0
+    trainer = Trainer(LinearRegression(), config(steps=10**6, max_seconds=0.3, log_every=1), CPU, tmp_path / "b.pt")
+    trainer.fit(batch_at, progress=False)
+    steps = trainer.step
+    assert steps > 0
+    again = Trainer(LinearRegression(), config(steps=10**6, max_seconds=0.3, log_every=1), CPU, tmp_path / "b.pt")
+    again.fit(batch_at, progress=False)
+    assert again.step == steps, "a finished run must not train further when loaded again"
+
+
+def test_checkpoint_of_another_kind_is_refused(tmp_path):
+    Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt").fit(batch_at, steps=5, progress=False)
+
+    class Other(LinearRegression):
+        kind = "other"
+
+    with pytest.raises(CheckpointError, match="holds a 'toy' checkpoint"):
+        Trainer(Other(), config(), CPU, tmp_path / "ck.pt")
+
+
+def test_random_batches_are_deterministic_and_cover_an_epoch():
+    dataset = [torch.tensor([i]) for i in range(10)]
+    batches = random_batches(dataset, batch_size=5, seed=3)
+    epoch = torch.cat([batches(0), batches(1)]).flatten().tolist()
+    assert sorted(epoch) == list(range(10))
+    assert torch.equal(batches(2), random_batches(dataset, batch_size=5, seed=3)(2))
+    assert epoch != torch.cat([batches(2), batches(3)]).flatten().tolist()
