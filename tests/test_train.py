@@ -45,7 +45,7 @@ def batch_at(step):
 
 
 def config(**changes):
-    return TrainConfig(**{"steps": 20, "batch_size": 16, "lr": 0.05, "ckpt_every": 5, "log_every": 5, **changes})
+    return TrainConfig(**{"steps": 20, "batch_size": 16, "lr": 0.2, "ckpt_every": 5, "log_every": 5, **changes})
 
 
 def test_training_reduces_the_loss_and_logs_floats():
