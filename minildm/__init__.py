@@ -1,7 +1,46 @@
 """minildm: latent diffusion from scratch, one stage per notebook.
 
 Stages (one module each, data flowing one way):
-data -> autoencoder -> schedules/unet/diffusion -> samplers -> applications -> metrics.
+data -> autoencoder -> schedules / unet / text / diffusion -> samplers -> metrics,
+with the trainer (train.py), checkpoints (checkpoint.py), device handling (device.py), presets
+(config.py) and the stages wired together (pipeline.py) beside them.
+
+The names a notebook needs most:
 """
 
+from minildm.autoencoder import Autoencoder, AutoencoderConfig
+from minildm.config import autoencoder_recipe, checkpoint_dir, diffusion_recipe
+from minildm.data import ShapesConfig, ShapesDataset, load_dataset
+from minildm.device import fast_mode, setup
+from minildm.pipeline import (
+    generate,
+    load_autoencoder,
+    load_diffusion,
+    train_autoencoder,
+    train_diffusion,
+)
+from minildm.schedules import NoiseSchedule
+from minildm.unet import UNet, UNetConfig
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Autoencoder",
+    "AutoencoderConfig",
+    "NoiseSchedule",
+    "ShapesConfig",
+    "ShapesDataset",
+    "UNet",
+    "UNetConfig",
+    "autoencoder_recipe",
+    "checkpoint_dir",
+    "diffusion_recipe",
+    "fast_mode",
+    "generate",
+    "load_autoencoder",
+    "load_dataset",
+    "load_diffusion",
+    "setup",
+    "train_autoencoder",
+    "train_diffusion",
+]

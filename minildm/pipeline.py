@@ -16,8 +16,8 @@ from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.checkpoint import load_checkpoint
 from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionConfig, DiffusionRecipe, TextConfig
 from minildm.data.shapes import ShapesConfig, ShapesDataset, vocabulary
-from minildm.diffusion import diffusion_loss
 from minildm.device import Runtime
+from minildm.diffusion import diffusion_loss
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import psnr
 from minildm.samplers import ddpm_sample

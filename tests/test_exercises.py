@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 def nbgrader(*args, cwd: Path) -> subprocess.CompletedProcess:
     # nbgrader starts alembic as a subprocess: the environment's bin folder must be on PATH.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(BIN / "nbgrader"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([str(BIN / "nbgrader"), *args], cwd=cwd, env=env, capture_output=True, text=True, check=False,
                           timeout=300)
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from minildm.checkpoint import CheckpointError, load_checkpoint
 from minildm.device import Runtime
-from minildm.train import Trainer, TrainConfig, random_batches
+from minildm.train import TrainConfig, Trainer, random_batches
 
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, fast=True)
 
