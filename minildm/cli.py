@@ -1,6 +1,8 @@
 """The `minildm` command (also `python -m minildm`). Every subcommand has --help.
 
-    minildm train               train the autoencoder on Shapes, write a reconstruction grid
+    minildm train               the whole pipeline on Shapes: autoencoder, then latent diffusion; writes
+                                reconstructions.png and samples.png (captioned)
+    minildm sample              sample images for your own captions from a trained pipeline
     minildm data                write a grid of a data set's images with their captions/labels
 """
 
@@ -24,35 +26,76 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     import torch
 
-    from minildm.config import autoencoder_recipe
+    from minildm.config import HOLDOUT_SEED, autoencoder_recipe, diffusion_recipe
+    from minildm.data.shapes import ShapesConfig, ShapesDataset
     from minildm.device import setup
-    from minildm.pipeline import evaluate_reconstruction, train_autoencoder
+    from minildm.pipeline import evaluate_reconstruction, generate, train_autoencoder, train_diffusion
     from minildm.viz import save_grid
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
+    out = Path(args.out)
+    if args.fresh:
+        for old in out.glob("*.pt"):
+            old.unlink()
+
+    # Stage 2: the autoencoder.
     recipe = autoencoder_recipe(regularizer=args.regularizer, f=args.f, fast=rt.fast)
     if args.steps is not None:
         recipe.train.steps = args.steps
-    out = Path(args.out)
     ckpt = out / f"autoencoder_{args.regularizer}_f{args.f}.pt"
-    if args.fresh and ckpt.exists():
-        ckpt.unlink()
-    print(f"training the {args.regularizer.upper()} autoencoder (f={args.f}) for {recipe.train.steps} steps; "
-          f"checkpoint: {ckpt} (an interrupted run resumes from it)")
+    print(f"[1/2] autoencoder ({args.regularizer.upper()}, f={args.f}): checkpoint {ckpt} "
+          "(an interrupted run resumes from it)")
     autoencoder, _ = train_autoencoder(recipe, rt, ckpt)
     scores = evaluate_reconstruction(autoencoder, recipe.data, rt, n=64)
-    from minildm.config import HOLDOUT_SEED
-    from minildm.data.shapes import ShapesConfig, ShapesDataset
-
     held_out = ShapesDataset(ShapesConfig(image_size=recipe.data.image_size, seed=HOLDOUT_SEED))
     x = held_out.batch(range(8), device=rt.device)["image"]
     with torch.no_grad(), rt.autocast():
         recon = autoencoder(x, sample=False).recon.float()
     grid = save_grid(out / "reconstructions.png", torch.cat([x, recon]), nrow=8,
                      title=f"held-out images (top) and reconstructions (bottom), PSNR {scores.mean():.1f} dB")
-    print(f"held-out reconstruction PSNR: {scores.mean():.2f} dB (64 images); "
-          f"latent scale factor {autoencoder.scale_factor.item():.3f}")
+    print(f"held-out reconstruction PSNR {scores.mean():.2f} dB; latent scale factor "
+          f"{autoencoder.scale_factor.item():.3f}; wrote {grid}")
+    if args.stage == "autoencoder":
+        return 0
+
+    # Stages 3-6: text-conditioned latent diffusion on the autoencoder's latents.
+    autoencoder.requires_grad_(False)
+    ldm = diffusion_recipe("latent", fast=rt.fast)
+    ldm.unet.in_channels = ldm.unet.out_channels = autoencoder.cfg.latent_channels
+    ldm.unet.image_size = recipe.data.image_size // args.f
+    ckpt = out / "diffusion_latent.pt"
+    print(f"[2/2] latent diffusion on {ldm.unet.in_channels}x{ldm.unet.image_size}x{ldm.unet.image_size} latents: "
+          f"checkpoint {ckpt}")
+    denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder)
+    captions = [held_out[i]["caption"] for i in range(8)]
+    shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
+    samples = generate(denoiser, captions, schedule, shape, rt, autoencoder=autoencoder)
+    grid = save_grid(out / "samples.png", samples, nrow=4, captions=captions,
+                     title="latent diffusion samples for held-out captions")
     print(f"wrote {grid}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from minildm.device import setup
+    from minildm.pipeline import generate, load_autoencoder, load_diffusion
+    from minildm.viz import save_grid
+
+    rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
+    folder = Path(args.run)
+    ae_ckpts = sorted(folder.glob("autoencoder_*.pt"))
+    if not ae_ckpts or not (folder / "diffusion_latent.pt").exists():
+        raise FileNotFoundError(f"no trained pipeline in '{folder}': expected autoencoder_*.pt and "
+                                f"diffusion_latent.pt there; run `minildm train --out {folder}` first")
+    autoencoder = load_autoencoder(ae_ckpts[0], device=rt.device)
+    denoiser, schedule, _ = load_diffusion(folder / "diffusion_latent.pt", device=rt.device)
+    size = autoencoder.cfg.image_size // autoencoder.cfg.downsample_factor
+    shape = (autoencoder.cfg.latent_channels, size, size)
+    captions = [c for c in args.caption for _ in range(args.n)]
+    images = generate(denoiser, captions, schedule, shape, rt, guidance_scale=args.guidance,
+                      autoencoder=autoencoder, seed=args.seed)
+    path = save_grid(args.out, images, nrow=args.n, captions=captions)
+    print(f"wrote {path}")
     return 0
 
 
@@ -81,16 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minildm", description="Latent diffusion from scratch: the course's command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train the first-stage autoencoder on Shapes and write a reconstruction grid",
-                       description="Train the autoencoder on the Shapes data set (resuming from its checkpoint if "
-                       "one exists) and write reconstructions.png with held-out images and their reconstructions.")
+    p = sub.add_parser("train", help="train the pipeline on Shapes: autoencoder, then latent diffusion",
+                       description="Train the autoencoder, then text-conditioned latent diffusion on its latents, on "
+                       "the Shapes data set (each resuming from its checkpoint in --out if one exists). Writes "
+                       "reconstructions.png (held-out images and reconstructions) and samples.png (samples for "
+                       "held-out captions).")
     _add_common(p)
     p.add_argument("--out", default="runs/default", help="folder for the checkpoint and pictures (default: %(default)s)")
     p.add_argument("--regularizer", choices=["kl", "vq"], default="kl", help="KL (default) or VQ autoencoder")
     p.add_argument("--f", type=int, choices=[1, 2, 4, 8], default=4, help="downsampling factor (default: 4)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
-    p.add_argument("--fresh", action="store_true", help="delete an existing checkpoint and start over")
+    p.add_argument("--steps", type=int, default=None, help="autoencoder training steps (default: the preset's)")
+    p.add_argument("--stage", choices=["autoencoder", "all"], default="all",
+                   help="stop after the autoencoder, or train everything (default)")
+    p.add_argument("--fresh", action="store_true", help="delete existing checkpoints in --out and start over")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images for your own captions from a trained pipeline",
+                       description="Load the checkpoints `minildm train` wrote and sample images for captions.")
+    _add_common(p)
+    p.add_argument("caption", nargs="+", help='one or more captions, e.g. "a big red circle at the center"')
+    p.add_argument("--run", default="runs/default", help="folder written by `minildm train` (default: %(default)s)")
+    p.add_argument("-n", type=int, default=4, help="samples per caption")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--out", default="runs/samples.png")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("data", help="write a grid of images from a data set, with captions or labels",
                        description="Write a captioned grid of the first images of a data set.")
