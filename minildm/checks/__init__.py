@@ -24,6 +24,25 @@ def call(fn, name: str, *args, **kwargs):
                             "with your code.") from None
 
 
+def run(fn, name: str, case: str, *args, hint: str = ""):
+    """Call the student's function; an exception from inside it becomes a message naming the case."""
+    try:
+        return call(fn, name, *args)
+    except ExerciseError:
+        raise
+    except Exception as e:  # any error in the student's code is reported, with its traceback
+        raise ExerciseError(f"{name} ({case}): your function raised {type(e).__name__}: {e}. {hint}".strip()) from e
+
+
+def known_mistake(got, mistakes: dict[str, torch.Tensor], name: str, case: str) -> None:
+    """Raise with a specific explanation when `got` equals the result of a typical wrong answer."""
+    if not isinstance(got, torch.Tensor):
+        return
+    for message, wrong in mistakes.items():
+        if got.shape == wrong.shape and torch.allclose(got.detach().double(), wrong.double(), rtol=1e-5, atol=1e-6):
+            raise ExerciseError(f"{name} ({case}): {message}")
+
+
 def expect_tensor(got, expected: torch.Tensor, name: str, case: str, atol: float = 1e-5, rtol: float = 1e-4):
     """Raise ExerciseError unless `got` is a tensor of the expected shape, dtype and values."""
     if not isinstance(got, torch.Tensor):

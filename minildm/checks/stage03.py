@@ -6,30 +6,11 @@ from __future__ import annotations
 import torch
 
 from minildm import schedules as ref
-from minildm.checks import ExerciseError, call, expect_tensor, passed
+from minildm.checks import ExerciseError, expect_tensor, known_mistake, passed, run
 
 # Schedules are float64 tables: compare them to (nearly) double precision, or the smallest betas
 # (about 1e-5 at the start of a cosine schedule) would hide errors below the default tolerance.
 F64 = {"atol": 1e-10, "rtol": 1e-7}
-
-
-def _run(fn, name: str, case: str, *args, hint: str = ""):
-    """Call the student's function; an exception from inside it becomes a message naming the case."""
-    try:
-        return call(fn, name, *args)
-    except ExerciseError:
-        raise
-    except Exception as e:  # any error in the student's code is reported, with its traceback
-        raise ExerciseError(f"{name} ({case}): your function raised {type(e).__name__}: {e}. {hint}".strip()) from e
-
-
-def _known_mistake(got, mistakes: dict[str, torch.Tensor], name: str, case: str) -> None:
-    """Raise with a specific explanation when `got` equals the result of a typical wrong answer."""
-    if not isinstance(got, torch.Tensor):
-        return
-    for message, wrong in mistakes.items():
-        if got.shape == wrong.shape and torch.allclose(got.detach().double(), wrong.double(), rtol=1e-5, atol=1e-6):
-            raise ExerciseError(f"{name} ({case}): {message}")
 
 
 def _expect_float64(got, name: str, case: str) -> None:
@@ -43,7 +24,7 @@ def check_cosine_betas(fn) -> None:
     name = "cosine_betas"
     for T, s, max_beta in [(10, 0.008, 0.999), (1000, 0.008, 0.999), (50, 0.0, 0.9), (7, 0.1, 0.999)]:
         case = f"T={T}, s={s}, max_beta={max_beta}"
-        got = _run(fn, name, case, T, s, max_beta)
+        got = run(fn, name, case, T, s, max_beta)
         expected = ref.cosine_betas(T, s, max_beta)
         _expect_float64(got, name, case)
         if isinstance(got, torch.Tensor) and got.shape != expected.shape:
@@ -64,8 +45,8 @@ def check_alpha_bar_from_betas(fn) -> None:
              "hand-made betas [0.1, 0.2, 0.5]": torch.tensor([0.1, 0.2, 0.5], dtype=torch.float64),
              "float32 betas (the result keeps the dtype)": ref.make_betas("scaled_linear", 100).float()}
     for case, betas in cases.items():
-        got = _run(fn, name, case, betas)
-        _known_mistake(got, {
+        got = run(fn, name, case, betas)
+        known_mistake(got, {
             "this is the cumulative product of the betas; alpha_t = 1 - beta_t is what survives of the signal "
             "at each step, and alpha_bar_t multiplies those.": torch.cumprod(betas, 0),
             "this is the cumulative sum of (1 - beta); alpha_bar is a product, because each step scales the "
@@ -114,16 +95,16 @@ def check_q_sample(fn) -> None:
     for case, shape, t, dtype in cases:
         x0, noise = torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
         t = torch.tensor(t)
-        got = _run(fn, name, case, x0, t, noise, schedule.alpha_bar, hint=hint)
+        got = run(fn, name, case, x0, t, noise, schedule.alpha_bar, hint=hint)
         if isinstance(got, torch.Tensor) and got.dtype != x0.dtype:
             raise ExerciseError(f"{name} ({case}): expected dtype {x0.dtype} (that of x0), got {got.dtype}: "
                                 "alpha_bar is float64, so cast the looked-up values with .to(x0.dtype).")
-        _known_mistake(got, _q_sample_mistakes(x0, t, noise, schedule.alpha_bar), name, case)
+        known_mistake(got, _q_sample_mistakes(x0, t, noise, schedule.alpha_bar), name, case)
         expect_tensor(got, schedule.q_sample(x0, t, noise), name, case)
     # Statistics of q(x_t | x_0): for a fixed x0 = 1 and many noise draws, mean sqrt(ab), variance 1 - ab.
     t = torch.tensor([5, 40])
     x0, noise = torch.ones(2, 1, 100, 100), torch.randn(2, 1, 100, 100, generator=g)
-    x_t = _run(fn, name, "statistics", x0, t, noise, schedule.alpha_bar, hint=hint)
+    x_t = run(fn, name, "statistics", x0, t, noise, schedule.alpha_bar, hint=hint)
     for i in range(2):
         ab = schedule.alpha_bar[t[i]].item()
         mean, var = x_t[i].mean().item(), x_t[i].var().item()
@@ -146,12 +127,12 @@ def check_rescale_zero_terminal_snr(fn) -> None:
     for case, betas in {"scaled-linear, T=1000": ref.make_betas("scaled_linear", 1000),
                         "linear, T=100": ref.make_betas("linear", 100),
                         "cosine, T=10": ref.cosine_betas(10)}.items():
-        got = _run(fn, name, case, betas.clone())
+        got = run(fn, name, case, betas.clone())
         _expect_float64(got, name, case)
         expected = ref.rescale_zero_terminal_snr(betas)
         ab = ref.alpha_bar_from_betas(betas)
         if isinstance(got, torch.Tensor) and got.shape == expected.shape:
-            _known_mistake(got, {"this is alpha_bar, not the betas: return 1 - alphas, where alphas are the "
+            known_mistake(got, {"this is alpha_bar, not the betas: return 1 - alphas, where alphas are the "
                                  "ratios alpha_bar_t / alpha_bar_{t-1}.": ref.alpha_bar_from_betas(expected),
                                  "you shifted and scaled alpha_bar itself; Lin et al. shift and scale "
                                  "sqrt(alpha_bar) (the coefficient of x0 in x_t), then square it.":

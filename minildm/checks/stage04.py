@@ -8,29 +8,7 @@ import torch
 from einops import rearrange
 
 from minildm import unet as ref
-from minildm.checks import ExerciseError, call, expect_tensor, passed
-
-
-def _run(fn, name: str, case: str, *args, hint: str = ""):
-    """Call the student's function; an exception from inside it becomes a message naming the case."""
-    try:
-        return call(fn, name, *args)
-    except ExerciseError:
-        raise
-    except Exception as e:  # any error in the student's code is reported, with its traceback
-        raise ExerciseError(f"{name} ({case}): your function raised {type(e).__name__}: {e}. {hint}".strip()) from e
-
-
-def _known_mistake(got, mistakes: dict[str, torch.Tensor], name: str, case: str) -> None:
-    """Raise with a specific explanation when `got` equals the result of a typical wrong answer."""
-    if not isinstance(got, torch.Tensor):
-        return
-    for message, wrong in mistakes.items():
-        if got.shape == wrong.shape and torch.allclose(got.detach().double(), wrong.double(), rtol=1e-4, atol=1e-5):
-            raise ExerciseError(f"{name} ({case}): {message}")
-
-
-# ---- 1. timestep embedding ----------------------------------------------------------------------
+from minildm.checks import ExerciseError, call, expect_tensor, known_mistake, passed, run
 
 
 def check_timestep_embedding(fn) -> None:
@@ -41,12 +19,12 @@ def check_timestep_embedding(fn) -> None:
                          ("int64 t = [0, 1, 7, 999], dim 32", torch.tensor([0, 1, 7, 999]), 32),
                          ("float t = [0.5, 250.25], dim 6", torch.tensor([0.5, 250.25]), 6),
                          ("odd dim 7, t = [3, 40, 500]", torch.tensor([3, 40, 500]), 7)]:
-        got = _run(fn, name, case, t, dim)
+        got = run(fn, name, case, t, dim)
         expected = ref.timestep_embedding(t, dim)
         half = dim // 2
         cos, sin = expected[:, :half], expected[:, half:2 * half]
         pad = expected[:, 2 * half:]
-        _known_mistake(got, {
+        known_mistake(got, {
             "the sin and cos halves are swapped: the package (and this exercise) puts the cosines first.":
                 torch.cat([sin, cos, pad], 1),
             "cos and sin are interleaved (cos, sin, cos, sin, ...); put all cosines first, then all sines.":
@@ -73,22 +51,22 @@ def check_attention(fn) -> None:
     name = "attention"
     q, k, v = _qkv(0)
     same_keys = k[:, :, :1].expand_as(k)
-    expect_tensor(_run(fn, name, "all keys equal", q, same_keys, v), v.mean(2, keepdim=True).expand(2, 3, 5, 6),
+    expect_tensor(run(fn, name, "all keys equal", q, same_keys, v), v.mean(2, keepdim=True).expand(2, 3, 5, 6),
                   name, "all keys equal: every query must weigh the 4 values equally, giving their mean "
                   "(softmax over the keys, the last axis of q k^T)")
     for seed in (1, 2):
         q, k, v = _qkv(seed, d=16)
         case = f"random q (2, 3, 5, 16), k (2, 3, 4, 16), v (2, 3, 4, 6), seed {seed}"
-        got = _run(fn, name, case, q, k, v)
+        got = run(fn, name, case, q, k, v)
         scores = q @ k.transpose(-2, -1)
-        _known_mistake(got, {
+        known_mistake(got, {
             "the scores are not scaled: divide q k^T by sqrt(d), d = q.shape[-1] (Vaswani et al. 2017, eq. 1).":
                 scores.softmax(-1) @ v,
             "the scores are divided by d; the scale is 1 / sqrt(d).": (scores / 16).softmax(-1) @ v,
         }, name, case)
         expect_tensor(got, ref.attention_reference(q, k, v), name, case)
     q, k, v = _qkv(3, requires_grad=True)
-    out = _run(fn, name, "gradient", q, k, v)
+    out = run(fn, name, "gradient", q, k, v)
     if not out.requires_grad:
         raise ExerciseError(f"{name}: the output has no gradient; do not detach or use torch.no_grad.")
     out.pow(2).sum().backward()
@@ -108,9 +86,9 @@ def check_split_heads(fn) -> None:
     x = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
     for heads in (2, 4, 1):
         case = f"x (2, 3, 8) = arange, heads={heads}"
-        got = _run(fn, name, case, x, heads)
+        got = run(fn, name, case, x, heads)
         d = 8 // heads
-        _known_mistake(got, {
+        known_mistake(got, {
             "the channels were split as (d, heads); the projections group them as (heads, d): head i owns "
             "channels i*d .. (i+1)*d - 1. Use rearrange(x, 'b n (h d) -> b h n d', h=heads).":
                 rearrange(x, "b n (d h) -> b h n d", h=heads),
@@ -161,24 +139,24 @@ def check_cross_attention(fn) -> None:
         layer = _layer(n, query_dim, context_dim, heads, head_dim)
         x, context = torch.randn(2, n, query_dim, generator=g), torch.randn(2, length, context_dim, generator=g)
         with torch.no_grad():
-            got = _run(fn, name, case, x, context, *_weights(layer), heads, hint=hint)
+            got = run(fn, name, case, x, context, *_weights(layer), heads, hint=hint)
             mistakes = {"the output bias b_out is missing: the output projection is x @ w_out.T + b_out.":
                         layer(x, context) - layer.to_out.bias}
             if context_dim == query_dim:
                 mistakes["keys and values were computed from x: in cross-attention they come from the "
                          "context (the conditioning sequence), only the queries come from x."] = layer(x)
-        _known_mistake(got, mistakes, name, case)
+        known_mistake(got, mistakes, name, case)
         expect_tensor(got, layer(x, context).detach(), name, case, atol=1e-5)
 
     layer = _layer(1, 12, 10, 3, 4)
     x, context = torch.randn(2, 6, 12, generator=g), torch.randn(2, 5, 10, generator=g)
     with torch.no_grad():
-        a = _run(fn, name, "context dependence", x, context, *_weights(layer), 3, hint=hint)
-        b = _run(fn, name, "context dependence", x, torch.randn(2, 5, 10, generator=g), *_weights(layer), 3)
+        a = run(fn, name, "context dependence", x, context, *_weights(layer), 3, hint=hint)
+        b = run(fn, name, "context dependence", x, torch.randn(2, 5, 10, generator=g), *_weights(layer), 3)
     if torch.allclose(a, b):
         raise ExerciseError(f"{name}: the output does not change when the context changes; keys and values "
                             "must be computed from the context.")
-    out = _run(fn, name, "gradient", x, context, *_weights(layer), 3, hint=hint)
+    out = run(fn, name, "gradient", x, context, *_weights(layer), 3, hint=hint)
     if not out.requires_grad:
         raise ExerciseError(f"{name}: the output has no gradient w.r.t. the weights; do not detach.")
     weight = torch.randn(out.shape, generator=g)

@@ -8,27 +8,8 @@ import torch
 from torch import nn
 
 from minildm import diffusion as ref
-from minildm.checks import ExerciseError, call, expect_tensor, passed
+from minildm.checks import ExerciseError, call, expect_tensor, known_mistake, passed, run
 from minildm.schedules import NoiseSchedule
-
-
-def _run(fn, name: str, case: str, *args, hint: str = ""):
-    """Call the student's function; an exception from inside it becomes a message naming the case."""
-    try:
-        return call(fn, name, *args)
-    except ExerciseError:
-        raise
-    except Exception as e:  # any error in the student's code is reported, with its traceback
-        raise ExerciseError(f"{name} ({case}): your function raised {type(e).__name__}: {e}. {hint}".strip()) from e
-
-
-def _known_mistake(got, mistakes: dict[str, torch.Tensor], name: str, case: str) -> None:
-    """Raise with a specific explanation when `got` equals the result of a typical wrong answer."""
-    if not isinstance(got, torch.Tensor):
-        return
-    for message, wrong in mistakes.items():
-        if got.shape == wrong.shape and torch.allclose(got.detach().double(), wrong.double(), rtol=1e-4, atol=1e-5):
-            raise ExerciseError(f"{name} ({case}): {message}")
 
 
 def _expect_value_error(fn, name: str, *args) -> None:
@@ -64,9 +45,9 @@ def check_training_target(fn) -> None:
         a, b = ab.sqrt(), (1 - ab).sqrt()
         for prediction in ref.PREDICTIONS:
             case = f"prediction={prediction!r}, t={t.tolist()}"
-            got = _run(fn, name, case, prediction, x0, eps, ab)
+            got = run(fn, name, case, prediction, x0, eps, ab)
             if prediction == "v":
-                _known_mistake(got, {
+                known_mistake(got, {
                     "the sign of v is flipped: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0.": b * x0 - a * eps,
                     "the coefficients of v are swapped: eps is scaled by sqrt(alpha_bar), x0 by "
                     "sqrt(1 - alpha_bar).": b * eps - a * x0,
@@ -90,7 +71,7 @@ def check_to_x0_and_eps(fn) -> None:
             # Round trip: the exact target must give back the x0 and eps that made x_t.
             target = ref.training_target(prediction, x0, eps, t, schedule)
             case = f"prediction={prediction!r}, output = the exact target, t={t.tolist()}"
-            got = _run(fn, name, case, prediction, target, x_t, ab)
+            got = run(fn, name, case, prediction, target, x_t, ab)
             if not (isinstance(got, tuple) and len(got) == 2):
                 raise ExerciseError(f"{name} ({case}): return a tuple (x0_hat, eps_hat), got {type(got).__name__}"
                                     + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "") + ".")
@@ -99,7 +80,7 @@ def check_to_x0_and_eps(fn) -> None:
             # Any other output: compare with the package.
             output = torch.randn(x0.shape, generator=g)
             case = f"prediction={prediction!r}, a random network output, t={t.tolist()}"
-            got = _run(fn, name, case, prediction, output, x_t, ab)
+            got = run(fn, name, case, prediction, output, x_t, ab)
             want = ref.to_x0_and_eps(output, x_t, t, schedule, prediction)
             expect_tensor(got[0], want[0], name, case + ", x0_hat", atol=1e-4)
             expect_tensor(got[1], want[1], name, case + ", eps_hat", atol=1e-4)
@@ -114,15 +95,15 @@ def check_min_snr_weight(fn) -> None:
     for gamma in (5.0, 1.0):
         for prediction in ref.PREDICTIONS:
             case = f"prediction={prediction!r}, gamma={gamma}, SNR={[f'{s:.3g}' for s in snr.tolist()]}"
-            got = _run(fn, name, case, snr, gamma, prediction)
-            _known_mistake(got, {
+            got = run(fn, name, case, snr, gamma, prediction)
+            known_mistake(got, {
                 f"this is min(SNR, gamma), the weight for x0-prediction; for {prediction!r} divide it by the "
                 f"factor between the errors ({'SNR' if prediction == 'eps' else 'SNR + 1'}).":
                     snr.clamp(max=gamma),
             } if prediction != "x0" else {}, name, case)
             expect_tensor(got, ref.min_snr_weight(snr, gamma, prediction), name, case)
     zero = torch.tensor([0.0, 1.0])
-    got = _run(fn, name, "eps at SNR = 0", zero, 5.0, "eps")
+    got = run(fn, name, "eps at SNR = 0", zero, 5.0, "eps")
     if isinstance(got, torch.Tensor) and not torch.isfinite(got).all():
         raise ExerciseError(f"{name} (prediction='eps' at SNR = 0, the last step of a zero-terminal-SNR schedule): "
                             "got NaN; min(SNR, gamma) / SNR is 0/0 there. Write it as min(1, gamma / SNR), "
@@ -166,7 +147,7 @@ def check_diffusion_loss(fn) -> None:
         if not torch.equal(logs["t"], t):
             raise RuntimeError("checker out of sync with minildm.diffusion.diffusion_loss (it draws t differently)")
         model = _ProbeModel(3, T)
-        got = _run(fn, name, case, model, x0, t, noise, schedule, prediction)
+        got = run(fn, name, case, model, x0, t, noise, schedule, prediction)
         if not model.inputs:
             raise ExerciseError(f"{name} ({case}): the model was never called; compute output = model(x_t, t).")
         x_t, t_seen = model.inputs[-1]
