@@ -4,6 +4,7 @@
                                 reconstructions.png and samples.png (captioned)
     minildm sample              sample images for your own captions from a trained pipeline
     minildm data                write a grid of a data set's images with their captions/labels
+    minildm grade               autograde submitted exercises with nbgrader, print a score table
 """
 
 from __future__ import annotations
@@ -120,6 +121,22 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_grade(args) -> int:
+    from minildm.grade import autograde, report, scores
+
+    course = Path(args.course).resolve()
+    if not (course / "nbgrader_config.py").is_file():
+        raise FileNotFoundError(f"'{course}' is not a course folder (no nbgrader_config.py); run this in the "
+                                "minildm checkout or pass --course")
+    if not (course / "solutions" / args.assignment).is_dir():
+        known = sorted(p.name for p in (course / "solutions").iterdir() if p.is_dir())
+        raise ValueError(f"unknown assignment {args.assignment!r}; known: {', '.join(known)}")
+    print(f"autograding {args.assignment} (nbgrader; about 2 s per notebook) ...", flush=True)
+    autograde(args.assignment, course, timeout=args.timeout)
+    print(report(scores(args.assignment, course)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minildm", description="Latent diffusion from scratch: the course's command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -157,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=16, help="number of images")
     p.add_argument("--out", default="runs/data.png")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("grade", help="autograde submitted exercises with nbgrader and print the scores",
+                       description="Autograde submitted/<student>/<assignment>/*.ipynb with nbgrader (test cells and "
+                       "hidden tests restored from solutions/) and print a per-exercise score table. Needs the "
+                       "instructor extra: pip install -e '.[instructor]'.")
+    p.add_argument("assignment", help="e.g. ex02-autoencoder")
+    p.add_argument("--course", default=".", help="the course folder with nbgrader_config.py (default: here)")
+    p.add_argument("--timeout", type=int, default=120, help="seconds a cell may run before it is cut off")
+    p.set_defaults(func=cmd_grade)
     return parser
 
 

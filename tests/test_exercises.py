@@ -60,3 +60,20 @@ def test_solutions_pass_and_unfilled_exercises_fail(assignment):
     for nb in sorted((ROOT / "exercises" / assignment).glob("*.ipynb")):
         result = nbgrader("validate", "--invert", str(nb), cwd=ROOT)
         assert "Success! The notebook does not pass any tests." in result.stdout, result.stdout[-3000:]
+
+
+def test_grade_command_scores_solved_and_unfilled_submissions(tmp_path, capsys):
+    from minildm.cli import main
+
+    assignment = "ex02-autoencoder"
+    for folder in ("solutions", "exercises"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    shutil.copy(ROOT / "nbgrader_config.py", tmp_path)
+    for student, source in (("alice", "solutions"), ("bob", "exercises")):
+        target = tmp_path / "submitted" / student / assignment
+        shutil.copytree(tmp_path / source / assignment, target)
+    assert main(["grade", assignment, "--course", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line.split() for line in lines if line.startswith(("alice", "bob"))}
+    assert table["alice"][-1] == "8/8" and table["bob"][-1] == "0/8", lines
+    assert "test_reparameterize" in lines[-3]
