@@ -1,0 +1,85 @@
+"""The stages wired together (fast configs): train, save, load back, generate; the CLI's errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from minildm.cli import main
+from minildm.config import autoencoder_recipe, diffusion_recipe
+from minildm.device import Runtime
+from minildm.pipeline import (
+    diffusion_batch_fn,
+    generate,
+    load_autoencoder,
+    load_diffusion,
+    train_autoencoder,
+    train_diffusion,
+)
+
+CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, fast=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("run")
+    recipe = autoencoder_recipe(fast=True)
+    recipe.train = dataclasses.replace(recipe.train, steps=6, ckpt_every=3, log_every=3)
+    recipe.loss = dataclasses.replace(recipe.loss, perceptual_weight=0.0, disc_weight=0.0)
+    ae, _ = train_autoencoder(recipe, CPU, folder / "ae.pt", progress=False)
+    ldm = diffusion_recipe("latent", fast=True)
+    ldm.train = dataclasses.replace(ldm.train, steps=4, ckpt_every=2, log_every=2)
+    denoiser, schedule, history = train_diffusion(ldm, CPU, folder / "ldm.pt", autoencoder=ae, progress=False)
+    return folder, recipe, ae, ldm, denoiser, schedule
+
+
+def test_autoencoder_checkpoint_loads_back_with_ema_weights_and_scale_factor(trained):
+    folder, recipe, ae, *_ = trained
+    loaded = load_autoencoder(folder / "ae.pt")
+    assert loaded.scale_factor.item() == pytest.approx(ae.scale_factor.item())
+    assert ae.scale_factor.item() != 1.0, "the scale factor must be computed after training"
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_latents(x), ae.encode_latents(x))
+
+
+def test_latent_batches_are_scaled_latents_with_captions(trained):
+    _, recipe, ae, ldm, *_ = trained
+    batch = diffusion_batch_fn(ldm.data, 8, CPU, ae)(0)
+    assert batch["x"].shape == (8, *ae.cfg.latent_shape)
+    assert len(batch["caption"]) == 8 and all(isinstance(c, str) and c for c in batch["caption"])
+    pixels = diffusion_batch_fn(ldm.data, 8, CPU, None)(0)
+    with torch.no_grad():
+        torch.testing.assert_close(batch["x"], ae.encode_latents(pixels["x"]))
+
+
+def test_diffusion_checkpoint_loads_back_and_generates_images(trained):
+    folder, _, ae, ldm, denoiser, schedule = trained
+    loaded, loaded_schedule, cfg = load_diffusion(folder / "ldm.pt")
+    assert cfg.space == "latent" and loaded_schedule.T == ldm.diffusion.num_timesteps
+    for a, b in zip(denoiser.state_dict().values(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
+    images = generate(loaded, ["a big red circle at the center", ""], loaded_schedule, shape, CPU, autoencoder=ae)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    again = generate(loaded, ["a big red circle at the center", ""], loaded_schedule, shape, CPU, autoencoder=ae)
+    torch.testing.assert_close(images, again, msg="the same seed must give the same images")
+
+
+def test_latent_diffusion_without_an_autoencoder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs a trained autoencoder"):
+        train_diffusion(diffusion_recipe("latent", fast=True), CPU, tmp_path / "x.pt", autoencoder=None)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert main(["sample", "--run", str(tmp_path), "a red circle"]) == 2
+    assert "no trained pipeline" in capsys.readouterr().err
+    assert main(["data", "--dataset", "imagenet"]) == 2
+    assert "unknown data set 'imagenet'" in capsys.readouterr().err
+    assert main(["data", "--dataset", "mnist", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "mnist" in err.lower() and str(tmp_path) in err
+    with pytest.raises(SystemExit):
+        main(["train", "--f", "3"])  # argparse names the allowed choices
+    assert "invalid choice" in capsys.readouterr().err
