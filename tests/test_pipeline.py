@@ -30,12 +30,12 @@ def trained(tmp_path_factory):
     ae, _ = train_autoencoder(recipe, CPU, folder / "ae.pt", progress=False)
     ldm = diffusion_recipe("latent", fast=True)
     ldm.train = dataclasses.replace(ldm.train, steps=4, ckpt_every=2, log_every=2)
-    denoiser, schedule, history = train_diffusion(ldm, CPU, folder / "ldm.pt", autoencoder=ae, progress=False)
+    denoiser, schedule, _history = train_diffusion(ldm, CPU, folder / "ldm.pt", autoencoder=ae, progress=False)
     return folder, recipe, ae, ldm, denoiser, schedule
 
 
 def test_autoencoder_checkpoint_loads_back_with_ema_weights_and_scale_factor(trained):
-    folder, recipe, ae, *_ = trained
+    folder, _recipe, ae, *_ = trained
     loaded = load_autoencoder(folder / "ae.pt")
     assert loaded.scale_factor.item() == pytest.approx(ae.scale_factor.item())
     assert ae.scale_factor.item() != 1.0, "the scale factor must be computed after training"
@@ -45,7 +45,7 @@ def test_autoencoder_checkpoint_loads_back_with_ema_weights_and_scale_factor(tra
 
 
 def test_latent_batches_are_scaled_latents_with_captions(trained):
-    _, recipe, ae, ldm, *_ = trained
+    _, _recipe, ae, ldm, *_ = trained
     batch = diffusion_batch_fn(ldm.data, 8, CPU, ae)(0)
     assert batch["x"].shape == (8, *ae.cfg.latent_shape)
     assert len(batch["caption"]) == 8 and all(isinstance(c, str) and c for c in batch["caption"])
@@ -55,7 +55,7 @@ def test_latent_batches_are_scaled_latents_with_captions(trained):
 
 
 def test_diffusion_checkpoint_loads_back_and_generates_images(trained):
-    folder, _, ae, ldm, denoiser, schedule = trained
+    folder, _, ae, ldm, denoiser, _schedule = trained
     loaded, loaded_schedule, cfg = load_diffusion(folder / "ldm.pt")
     assert cfg.space == "latent" and loaded_schedule.T == ldm.diffusion.num_timesteps
     for a, b in zip(denoiser.state_dict().values(), loaded.state_dict().values()):
