@@ -52,8 +52,10 @@ def cmd_train(args) -> int:
     x = held_out.batch(range(8), device=rt.device)["image"]
     with torch.no_grad(), rt.autocast():
         recon = autoencoder(x, sample=False).recon.float()
-    grid = save_grid(out / "reconstructions.png", torch.cat([x, recon]), nrow=8,
-                     title=f"held-out images (top) and reconstructions (bottom), PSNR {scores.mean():.1f} dB")
+    title = f"held-out images (top) and reconstructions (bottom), PSNR {scores.mean():.1f} dB"
+    if rt.fast:
+        title += "\n(fast mode: a tiny autoencoder trained for a few dozen steps)"
+    grid = save_grid(out / "reconstructions.png", torch.cat([x, recon]), nrow=8, title=title)
     print(f"held-out reconstruction PSNR {scores.mean():.2f} dB; latent scale factor "
           f"{autoencoder.scale_factor.item():.3f}; wrote {grid}")
     if args.stage == "autoencoder":
@@ -71,8 +73,10 @@ def cmd_train(args) -> int:
     captions = [held_out[i]["caption"] for i in range(8)]
     shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
     samples = generate(denoiser, captions, schedule, shape, rt, autoencoder=autoencoder)
-    grid = save_grid(out / "samples.png", samples, nrow=4, captions=captions,
-                     title="latent diffusion samples for held-out captions")
+    title = "latent diffusion samples for held-out captions"
+    if rt.fast:
+        title += "\n(fast mode: a tiny model trained for a few dozen steps; unset MINILDM_FAST on a GPU for real samples)"
+    grid = save_grid(out / "samples.png", samples, nrow=4, captions=captions, title=title)
     print(f"wrote {grid}")
     return 0
 

@@ -32,7 +32,7 @@ def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, cap
         if title:
             ax.set_title(title)
         return ax.figure
-    fig, axes = plt.subplots(rows, ncol, figsize=(scale * 1.4 * ncol, scale * 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, ncol, figsize=(scale * 1.4 * ncol, scale * 2.2 * rows), squeeze=False)
     for i, ax_i in enumerate(axes.flat):
         ax_i.axis("off")
         if i < n:
