@@ -20,16 +20,6 @@ from minildm.autoencoder import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread is faster than two and does not stall when the machine is busy
-    (measured: the tiny training test took 2 s on one thread, up to 60 s on two with other jobs running)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw) -> AutoencoderConfig:
     base = {"image_size": 16, "base_channels": 8, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "latent_channels": 4}
     return AutoencoderConfig(**{**base, **kw})

@@ -19,16 +19,6 @@ from minildm.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread is faster than two and does not stall when the machine is busy
-    (measured: the tiny training test took 2 s on one thread, up to 60 s on two with other jobs running)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def disks(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     """Images in [-1, 1] of 4 coloured disks on black: sharp edges, so blur is visible."""
     g = torch.Generator().manual_seed(seed)
