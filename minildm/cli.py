@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder)
     captions = [held_out[i]["caption"] for i in range(8)]
     shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
-    samples = generate(denoiser, captions, schedule, shape, rt, autoencoder=autoencoder)
+    samples = generate(denoiser, captions, schedule, shape, rt, autoencoder=autoencoder, progress=True)
     title = "latent diffusion samples for held-out captions"
     if rt.fast:
         title += "\n(fast mode: a tiny model trained for a few dozen steps; unset MINILDM_FAST on a GPU for real samples)"
@@ -98,7 +98,7 @@ def cmd_sample(args) -> int:
     shape = (autoencoder.cfg.latent_channels, size, size)
     captions = [c for c in args.caption for _ in range(args.n)]
     images = generate(denoiser, captions, schedule, shape, rt, guidance_scale=args.guidance,
-                      autoencoder=autoencoder, seed=args.seed)
+                      autoencoder=autoencoder, seed=args.seed, progress=True)
     path = save_grid(args.out, images, nrow=args.n, captions=captions)
     print(f"wrote {path}")
     return 0

@@ -200,7 +200,8 @@ def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime
 @torch.no_grad()
 def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, shape: tuple[int, int, int],
              runtime: Runtime, prediction: str = "eps", guidance_scale: float = 3.0,
-             autoencoder: Autoencoder | None = None, seed: int = 0, return_trajectory: bool = False):
+             autoencoder: Autoencoder | None = None, seed: int = 0, return_trajectory: bool = False,
+             progress: bool = False):
     """Sample one image per caption with DDPM and classifier-free guidance; decode latents if an
     autoencoder is given. Returns images (B, 3, H, W) in [-1, 1] (and the trajectory if asked)."""
     denoiser.eval()
@@ -216,7 +217,7 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
     result = ddpm_sample(model, (len(captions), *shape), schedule, context=context, prediction=prediction,
                          generator=generator, device=runtime.device, guidance_scale=guidance_scale,
                          uncond_context=uncond, return_trajectory=return_trajectory,
-                         clip_x0=None if autoencoder is not None else 1.0)
+                         clip_x0=None if autoencoder is not None else 1.0, progress=progress)
     x, trajectory = result if return_trajectory else (result, None)
     if autoencoder is not None:
         with runtime.autocast():
