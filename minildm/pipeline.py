@@ -6,6 +6,7 @@ stage for the `Trainer` (train.py): `param_groups`, `losses`, `ema_module`, `kin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -91,15 +92,15 @@ def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: st
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
     trainer.fit(shapes_batch_fn(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
     autoencoder = task.autoencoder
-    if trainer.ema is not None:
-        trainer.ema.copy_to(autoencoder)  # publish the averaged weights
-    if "scale_factor" not in (trainer.extra or {}):
+    if "scale_factor" not in trainer.extra:  # computed once, for the EMA weights, and saved with the checkpoint
         batches = (ShapesDataset(recipe.data).batch(range(i * 64, (i + 1) * 64), device=runtime.device)["image"]
                    for i in range(8))
         autoencoder.eval()
-        with runtime.autocast():
+        with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():
             trainer.extra = {"scale_factor": autoencoder.compute_scale_factor(batches)}
-        trainer.save()
+        trainer.save()  # the raw weights stay in "model" (to resume from), the averaged ones in "ema"
+    if trainer.ema is not None:
+        trainer.ema.copy_to(autoencoder)  # publish the averaged weights
     autoencoder.scale_factor.fill_(trainer.extra["scale_factor"])
     return autoencoder.eval(), trainer.history
 

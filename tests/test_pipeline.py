@@ -83,3 +83,17 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--f", "3"])  # argparse names the allowed choices
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_checkpoint_keeps_raw_weights_to_resume_from_and_ema_weights_to_use(trained):
+    from minildm.checkpoint import load_checkpoint
+
+    folder, *_ = trained
+    state = load_checkpoint(folder / "ae.pt", kind="autoencoder")
+    raw = state["model"]["autoencoder.decoder.conv_out.weight"]
+    averaged = state["ema"]["shadow"]["decoder.conv_out.weight"]
+    assert not torch.equal(raw, averaged), "the trained (raw) weights must not be overwritten by the EMA ones"
+    assert state["extra"]["scale_factor"] > 0
+    ema_model, raw_model = load_autoencoder(folder / "ae.pt"), load_autoencoder(folder / "ae.pt", use_ema=False)
+    torch.testing.assert_close(ema_model.decoder.conv_out.weight.detach(), averaged)
+    torch.testing.assert_close(raw_model.decoder.conv_out.weight.detach(), raw)
