@@ -31,21 +31,23 @@ from minildm.train import Trainer
 from minildm.viz import save_grid
 
 
-def measure(recipe, rt, batch_size: int, batch_at, steps: int) -> tuple[float, float]:
-    """(images/s, peak GiB) of training steps at this batch size; a fixed pre-made batch isolates the model."""
+def measure(recipe, rt, batch_size: int, batch_at, steps: int, fresh_batches: bool = False) -> tuple[float, float]:
+    """(images/s, peak GiB) of training steps at this batch size. By default one pre-made batch is reused, which
+    isolates the model; fresh_batches=True makes (and, for latents, encodes) a new batch every step."""
     recipe.train.batch_size = batch_size
     task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
     trainer = Trainer(task, recipe.train, rt)
-    batch = batch_at(0)
+    fixed = batch_at(0)
+    next_batch = batch_at if fresh_batches else (lambda step: fixed)
     cuda = rt.device.type == "cuda"
-    for _ in range(3):
-        trainer.train_step(batch)
+    for i in range(3):
+        trainer.train_step(next_batch(i))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(batch)
+    for i in range(steps):
+        trainer.train_step(next_batch(3 + i))
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -96,21 +98,8 @@ def main() -> None:
     # Latent training as it runs in practice: the autoencoder encodes every batch.
     recipe = diffusion_recipe("latent", fast=rt.fast)
     b = results["latent"]["best"]["batch"]
-    images = diffusion_batch_fn(recipe.data, b, rt, autoencoder)
-    task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
-    recipe.train.batch_size = b
-    trainer = Trainer(task, recipe.train, rt)
-    for i in range(3):
-        trainer.train_step(images(i))
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(args.steps):
-        trainer.train_step(images(i))
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    results["latent"]["with_encoding_images_per_s"] = args.steps * b / (time.perf_counter() - start)
-    del trainer, task
+    results["latent"]["with_encoding_images_per_s"] = measure(
+        recipe, rt, b, diffusion_batch_fn(recipe.data, b, rt, autoencoder), args.steps, fresh_batches=True)[0]
 
     # Same wall-clock budget, each at its best batch size, then samples.
     captions = [item["caption"] for item in (ShapesDataset(ShapesConfig(seed=HOLDOUT_SEED))[i] for i in range(16))]

@@ -19,6 +19,7 @@ from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionConfig, Dif
 from minildm.data.shapes import ShapesConfig, ShapesDataset, vocabulary
 from minildm.device import Runtime
 from minildm.diffusion import diffusion_loss
+from minildm.ema import EMA
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import psnr
 from minildm.samplers import ddpm_sample
@@ -105,6 +106,13 @@ def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: st
     return autoencoder.eval(), trainer.history
 
 
+def use_ema_weights(module: nn.Module, ema_state: dict) -> None:
+    """Overwrite `module`'s weights with the averaged ones stored in a checkpoint's "ema" entry."""
+    ema = EMA(module)
+    ema.load_state_dict(ema_state)
+    ema.copy_to(module)
+
+
 def load_autoencoder(path: str | Path, device="cpu", use_ema: bool = True) -> Autoencoder:
     """Rebuild a trained autoencoder from its checkpoint (EMA weights and latent scale factor)."""
     state = load_checkpoint(path, kind="autoencoder", map_location=device)
@@ -112,10 +120,7 @@ def load_autoencoder(path: str | Path, device="cpu", use_ema: bool = True) -> Au
     prefix = "autoencoder."
     autoencoder.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
     if use_ema and state.get("ema"):
-        params = dict(autoencoder.named_parameters())
-        with torch.no_grad():
-            for name, value in state["ema"]["shadow"].items():
-                params[name].copy_(value)
+        use_ema_weights(autoencoder, state["ema"])
     if (state.get("extra") or {}).get("scale_factor") is not None:
         autoencoder.scale_factor.fill_(state["extra"]["scale_factor"])
     return autoencoder.eval()
@@ -251,8 +256,5 @@ def load_diffusion(path: str | Path, device="cpu", use_ema: bool = True):
     task.load_state_dict(state["model"])
     denoiser = task.denoiser.to(device)
     if use_ema and state.get("ema"):
-        params = dict(denoiser.named_parameters())
-        with torch.no_grad():
-            for name, value in state["ema"]["shadow"].items():
-                params[name].copy_(value)
+        use_ema_weights(denoiser, state["ema"])
     return denoiser.eval(), task.schedule, task.diffusion_cfg
