@@ -98,7 +98,9 @@ class DiffusionRecipe:
 def diffusion_recipe(space: str = "latent", fast: bool | None = None) -> DiffusionRecipe:
     """Text-conditioned diffusion on Shapes with the same UNet in both spaces (only its input channels differ).
     latent: on the 4x16x16 latents of the f=4 KL autoencoder (scaled-linear schedule, as LDM);
-    pixel: on 3x64x64 images (linear schedule, as DDPM). Fast: 32 px, tiny widths, T=100."""
+    pixel: on 3x64x64 images (linear schedule, as DDPM). Full mode trains latent diffusion for 5 minutes
+    (autoencoder + latent diffusion stay under 10 minutes on one GPU) and pixel diffusion for 3.
+    Fast: 32 px, tiny widths, T=100."""
     fast = _fast(fast)
     size = 32 if fast else 64
     channels, resolution = (4, size // 4) if space == "latent" else (3, size)
@@ -112,7 +114,7 @@ def diffusion_recipe(space: str = "latent", fast: bool | None = None) -> Diffusi
                           num_res_blocks=2, attention_levels=(1, 2), heads=4, context_dim=text.dim)
         batch = 128 if space == "latent" else 32
         train = TrainConfig(steps=10**6, batch_size=batch, lr=2e-4, ema_decay=0.999, ckpt_every=1000,
-                            log_every=50, max_seconds=180)
+                            log_every=50, max_seconds=300 if space == "latent" else 180)
     diffusion = DiffusionConfig(space=space, schedule="scaled_linear" if space == "latent" else "linear",
                                 num_timesteps=unet.num_timesteps)
     return DiffusionRecipe(unet=unet, text=text, diffusion=diffusion, train=train, data=ShapesConfig(image_size=size))

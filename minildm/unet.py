@@ -410,9 +410,11 @@ class UNet(nn.Module):
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape (B,) = ({b},), got shape {tuple(t.shape)}")
-        # A Python-side check needs the values on the host; it is skipped inside torch.compile.
+        # A Python-side check needs the values on the host; it is skipped inside torch.compile and while a
+        # CUDA graph is being recorded (neither may wait for the GPU).
         T = cfg.num_timesteps
-        if T is not None and not torch.compiler.is_compiling() and ((t < 0) | (t > T - 1)).any():
+        host_check = not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if T is not None and host_check and ((t < 0) | (t > T - 1)).any():
             raise ValueError(f"t must lie in [0, {T - 1}] (num_timesteps={T}), "
                              f"got values in [{t.min().item()}, {t.max().item()}]")
         self._check_context(b, context)

@@ -97,3 +97,30 @@ def test_checkpoint_keeps_raw_weights_to_resume_from_and_ema_weights_to_use(trai
     ema_model, raw_model = load_autoencoder(folder / "ae.pt"), load_autoencoder(folder / "ae.pt", use_ema=False)
     torch.testing.assert_close(ema_model.decoder.conv_out.weight.detach(), averaged)
     torch.testing.assert_close(raw_model.decoder.conv_out.weight.detach(), raw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_cuda_graph_sampling_gives_the_eager_samples(trained, guidance_scale):
+    """The recorded graph must replay exactly the computation of eager mode, step after step."""
+    _, _, ae, ldm, denoiser, schedule = trained
+    gpu = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, fast=True)
+    denoiser, ae = denoiser.to("cuda"), ae.to("cuda")
+    shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
+    captions = ["a big red circle at the center", "a small blue square at the top left", ""]
+    eager, graphed = (generate(denoiser, captions, schedule, shape, gpu, guidance_scale=guidance_scale,
+                               autoencoder=ae, seed=3, cuda_graph=use) for use in (False, True))
+    assert eager.abs().mean() > 0.05, "the comparison needs non-trivial images"
+    torch.testing.assert_close(graphed, eager, atol=1e-3, rtol=0)
+    denoiser.cpu(), ae.cpu()
+
+
+def test_cuda_graph_refuses_inputs_of_another_shape():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from minildm.device import cuda_graphed
+
+    double = cuda_graphed(lambda x: 2 * x, torch.ones(4, device="cuda"))
+    torch.testing.assert_close(double(torch.arange(4.0, device="cuda")), torch.arange(0.0, 8.0, 2, device="cuda"))
+    with pytest.raises(ValueError, match="recorded for inputs of shape"):
+        double(torch.ones(5, device="cuda"))
