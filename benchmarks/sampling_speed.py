@@ -55,7 +55,7 @@ def main() -> None:
         denoiser = Denoiser(recipe.unet, recipe.text, WordTokenizer(vocabulary())).to(rt.device)
         torch.nn.init.normal_(denoiser.unet.out[-1].weight, std=1e-2)
         shape = (recipe.unet.in_channels, recipe.unet.image_size, recipe.unet.image_size)
-        timed_generate(denoiser, captions[:2], NoiseSchedule.from_name("linear", T=3), shape, rt, False)  # warm-up
+        timed_generate(denoiser, captions[:2], NoiseSchedule.from_name("cosine", T=3), shape, rt, False)  # warm-up
         eager_s, eager = timed_generate(denoiser, captions, schedule, shape, rt, cuda_graph=False)
         graph_s, graphed = timed_generate(denoiser, captions, schedule, shape, rt, cuda_graph=True)
         row = {"eager_ms_per_step": 1e3 * eager_s / args.steps, "graph_ms_per_step": 1e3 * graph_s / args.steps,

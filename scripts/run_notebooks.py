@@ -25,6 +25,11 @@ def execute(path: Path, out: Path, timeout: int) -> bool:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": "."}})
     start, ok = time.perf_counter(), True
+
+    def cell_done(cell, cell_index, **_):  # progress per cell, so a stuck cell is easy to spot
+        print(f"  {path.name} cell {cell_index}: done at {time.perf_counter() - start:.0f} s", flush=True)
+
+    client.on_cell_executed = cell_done
     try:
         client.execute()
     except CellExecutionError as e:
