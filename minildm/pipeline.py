@@ -218,6 +218,9 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
     uncond = denoiser.encode_text([""] * len(captions))
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     use_graph = runtime.device.type == "cuda" if cuda_graph is None else cuda_graph
+    if use_graph and runtime.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, but this runtime uses {runtime.device}; "
+                         "leave cuda_graph=None (graphs on CUDA only) or pass cuda_graph=False")
 
     def model(x, t, c):
         with runtime.autocast(cache_enabled=not use_graph):

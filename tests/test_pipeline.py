@@ -115,6 +115,13 @@ def test_cuda_graph_sampling_gives_the_eager_samples(trained, guidance_scale):
     denoiser.cpu(), ae.cpu()
 
 
+def test_cuda_graph_on_a_cpu_runtime_is_a_clear_error(trained):
+    _, _, _, ldm, denoiser, schedule = trained
+    shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        generate(denoiser, ["a red circle"], schedule, shape, CPU, cuda_graph=True)
+
+
 def test_cuda_graph_refuses_inputs_of_another_shape():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
