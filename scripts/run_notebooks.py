@@ -18,12 +18,14 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 
 def execute(path: Path, out: Path, timeout: int) -> bool:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": "."}})
+    # A cell past `timeout` gets a KeyboardInterrupt, so its traceback in the saved copy shows the line it was on.
+    client = NotebookClient(nb, timeout=timeout, interrupt_on_timeout=True, kernel_name="python3",
+                            resources={"metadata": {"path": "."}})
     start, ok = time.perf_counter(), True
 
     def cell_done(cell, cell_index, **_):  # progress per cell, so a stuck cell is easy to spot
@@ -32,9 +34,9 @@ def execute(path: Path, out: Path, timeout: int) -> bool:
     client.on_cell_executed = cell_done
     try:
         client.execute()
-    except CellExecutionError as e:
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
         ok = False
-        print(f"FAILED {path}: {str(e).splitlines()[-1] if str(e) else e}", file=sys.stderr)
+        print(f"FAILED {path}: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else e}", file=sys.stderr)
     nbformat.write(nb, out)
     print(f"{'ok' if ok else 'FAILED':6} {path.name}: {time.perf_counter() - start:.0f} s -> {out}", flush=True)
     return ok
@@ -46,7 +48,9 @@ def main() -> int:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="folder for the executed copies")
     where.add_argument("--inplace", action="store_true", help="overwrite the notebooks")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=900,
+                        help="seconds a cell may run before it is interrupted (default 900; keep it under the "
+                        "device command's limit so a stalled cell still comes back with its traceback)")
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
