@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from minildm.device import FAST_ENV
@@ -34,6 +35,7 @@ def cmd_train(args) -> int:
     from minildm.viz import save_grid
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
+    start = time.perf_counter()
     out = Path(args.out)
     if args.fresh:
         for old in out.glob("*.pt"):
@@ -77,7 +79,7 @@ def cmd_train(args) -> int:
     if rt.fast:
         title += "\n(fast mode: a tiny model trained for a few dozen steps; unset MINILDM_FAST on a GPU for real samples)"
     grid = save_grid(out / "samples.png", samples, nrow=4, captions=captions, title=title)
-    print(f"wrote {grid}")
+    print(f"wrote {grid}; {time.perf_counter() - start:.0f} s in all")
     return 0
 
 

@@ -131,3 +131,18 @@ def test_cuda_graph_refuses_inputs_of_another_shape():
     torch.testing.assert_close(double(torch.arange(4.0, device="cuda")), torch.arange(0.0, 8.0, 2, device="cuda"))
     with pytest.raises(ValueError, match="recorded for inputs of shape"):
         double(torch.ones(5, device="cuda"))
+
+
+def test_cli_train_writes_both_grids_and_resumes_without_retraining(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINILDM_FAST", "1")
+    args = ["train", "--fast", "--device", "cpu", "--out", str(tmp_path), "--steps", "4"]
+    assert main(args) == 0
+    assert (tmp_path / "reconstructions.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
+    first = capsys.readouterr().out
+    assert "s in all" in first
+    names = {p.name for p in tmp_path.glob("*.pt")}
+    assert names == {"autoencoder_kl_f4.pt", "diffusion_latent.pt"}
+    assert main(args) == 0  # finished checkpoints are loaded, not trained further
+    for name in names:
+        step = torch.load(tmp_path / name, weights_only=True)["step"]
+        assert step == (4 if name.startswith("autoencoder") else diffusion_recipe("latent", fast=True).train.steps)
