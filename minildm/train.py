@@ -135,6 +135,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc=self.task.kind, disable=not progress, dynamic_ncols=True)
         sync = torch.cuda.synchronize if self.rt.device.type == "cuda" else (lambda: None)
         sync()
+        first_step = self.step
         t_last, images_since = time.perf_counter(), 0
         try:
             while self.step < total:
@@ -166,6 +167,8 @@ class Trainer:
         finally:
             bar.close()
         sync()
+        if self.step == first_step:  # nothing trained (e.g. a finished checkpoint was loaded): nothing to save
+            return self.history
         self.train_seconds += time.perf_counter() - t_last
         if self.ckpt_path is not None:
             self.save()

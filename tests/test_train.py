@@ -99,6 +99,15 @@ def test_time_budget_stops_training_and_is_remembered(tmp_path):
     assert again.step == steps, "a finished run must not train further when loaded again"
 
 
+def test_loading_a_finished_run_leaves_its_checkpoint_untouched(tmp_path):
+    path = tmp_path / "done.pt"
+    Trainer(LinearRegression(), config(), CPU, path).fit(batch_at, progress=False)
+    written = path.stat().st_mtime_ns
+    again = Trainer(LinearRegression(), config(), CPU, path)
+    again.fit(batch_at, progress=False)
+    assert again.step == config().steps and path.stat().st_mtime_ns == written
+
+
 def test_checkpoint_of_another_kind_is_refused(tmp_path):
     Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt").fit(batch_at, steps=5, progress=False)
 
