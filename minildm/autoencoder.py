@@ -519,7 +519,7 @@ class Autoencoder(nn.Module):
         z = z / self.scale_factor
         if self.cfg.regularizer == "vq":
             z = self.quantizer.lookup(z)[0]
-        return self.decode(z)
+        return self.decoder(z)  # z was checked above
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

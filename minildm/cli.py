@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -46,12 +47,17 @@ def cmd_train(args) -> int:
     if args.steps is not None:
         recipe.train.steps = args.steps
     ckpt = out / f"autoencoder_{args.regularizer}_f{args.f}.pt"
+    others = sorted(p.name for p in out.glob("autoencoder_*.pt") if p.name != ckpt.name)
+    if others:  # its diffusion_latent.pt was trained on that autoencoder's latents and must not be reused
+        raise ValueError(f"'{out}' holds a pipeline built on {others[0]}, not {ckpt.name}; use another --out, "
+                         "or --fresh to start over there")
     print(f"[1/2] autoencoder ({args.regularizer.upper()}, f={args.f}): checkpoint {ckpt} "
           "(an interrupted run resumes from it)")
     autoencoder, _ = train_autoencoder(recipe, rt, ckpt)
     scores = evaluate_reconstruction(autoencoder, recipe.data, rt, n=64)
-    held_out = ShapesDataset(ShapesConfig(image_size=recipe.data.image_size, seed=HOLDOUT_SEED))
-    x = held_out.batch(range(8), device=rt.device)["image"]
+    held_out = ShapesDataset(ShapesConfig(image_size=recipe.data.image_size, seed=HOLDOUT_SEED)).batch(
+        range(8), device=rt.device)
+    x = held_out["image"]
     with torch.no_grad(), rt.autocast():
         recon = autoencoder(x, sample=False).recon.float()
     title = f"held-out images (top) and reconstructions (bottom), PSNR {scores.mean():.1f} dB"
@@ -65,16 +71,15 @@ def cmd_train(args) -> int:
 
     # Stages 3-6: text-conditioned latent diffusion on the autoencoder's latents.
     autoencoder.requires_grad_(False)
+    shape = autoencoder.cfg.latent_shape  # (c, H/f, W/f)
     ldm = diffusion_recipe("latent", fast=rt.fast)
-    ldm.unet.in_channels = ldm.unet.out_channels = autoencoder.cfg.latent_channels
-    ldm.unet.image_size = recipe.data.image_size // args.f
+    ldm.unet = dataclasses.replace(ldm.unet, in_channels=shape[0], out_channels=shape[0], image_size=shape[1])
     ckpt = out / "diffusion_latent.pt"
-    print(f"[2/2] latent diffusion on {ldm.unet.in_channels}x{ldm.unet.image_size}x{ldm.unet.image_size} latents: "
-          f"checkpoint {ckpt}")
+    print(f"[2/2] latent diffusion on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder)
-    captions = [held_out[i]["caption"] for i in range(8)]
-    shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
-    samples = generate(denoiser, captions, schedule, shape, rt, autoencoder=autoencoder, progress=True)
+    captions = held_out["caption"]
+    samples = generate(denoiser, captions, schedule, shape, rt, prediction=ldm.diffusion.prediction,
+                       autoencoder=autoencoder, progress=True)
     title = "latent diffusion samples for held-out captions"
     if rt.fast:
         title += "\n(fast mode: a tiny model trained for a few dozen steps; unset MINILDM_FAST on a GPU for real samples)"
@@ -95,31 +100,27 @@ def cmd_sample(args) -> int:
         raise FileNotFoundError(f"no trained pipeline in '{folder}': expected autoencoder_*.pt and "
                                 f"diffusion_latent.pt there; run `minildm train --out {folder}` first")
     autoencoder = load_autoencoder(ae_ckpts[0], device=rt.device)
-    denoiser, schedule, _ = load_diffusion(folder / "diffusion_latent.pt", device=rt.device)
-    size = autoencoder.cfg.image_size // autoencoder.cfg.downsample_factor
-    shape = (autoencoder.cfg.latent_channels, size, size)
+    denoiser, schedule, diffusion_cfg = load_diffusion(folder / "diffusion_latent.pt", device=rt.device)
     captions = [c for c in args.caption for _ in range(args.n)]
-    images = generate(denoiser, captions, schedule, shape, rt, guidance_scale=args.guidance,
-                      autoencoder=autoencoder, seed=args.seed, progress=True)
+    images = generate(denoiser, captions, schedule, autoencoder.cfg.latent_shape, rt,
+                      prediction=diffusion_cfg.prediction, guidance_scale=args.guidance, autoencoder=autoencoder,
+                      seed=args.seed, progress=True)
     path = save_grid(args.out, images, nrow=args.n, captions=captions)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_data(args) -> int:
+    import torch
+
     from minildm.data import load_dataset
-    from minildm.data.shapes import class_name
     from minildm.viz import save_grid
 
     dataset = load_dataset(args.dataset, root=args.root, image_size=args.image_size)
     items = [dataset[i] for i in range(min(args.n, len(dataset)))]
-    import torch
-
     images = torch.stack([it["image"] for it in items])
-    if "caption" in items[0]:
+    if "caption" in items[0]:  # Shapes
         captions = [it["caption"] for it in items]
-    elif args.dataset == "shapes":
-        captions = [class_name(it["label"]) for it in items]
     else:
         captions = [str(it.get("label", "")) for it in items]
     path = save_grid(args.out, images, nrow=8, captions=captions)

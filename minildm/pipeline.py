@@ -94,8 +94,8 @@ def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: st
     trainer.fit(shapes_batch_fn(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
     autoencoder = task.autoencoder
     if "scale_factor" not in trainer.extra:  # computed once, for the EMA weights, and saved with the checkpoint
-        batches = (ShapesDataset(recipe.data).batch(range(i * 64, (i + 1) * 64), device=runtime.device)["image"]
-                   for i in range(8))
+        batch_at = shapes_batch_fn(recipe.data, 64, runtime.device)
+        batches = (batch_at(i)["image"] for i in range(8))
         autoencoder.eval()
         with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():
             trainer.extra = {"scale_factor": autoencoder.compute_scale_factor(batches)}

@@ -102,15 +102,13 @@ class Trainer:
     def train_step(self, batch) -> dict:
         """One optimisation step of every optimiser; returns the logs."""
         self.task.train()
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
         with self.rt.autocast():
             losses, logs = self.task.losses(batch, self.step)
         for name, opt in self.optimizers.items():
             loss = losses[name]
             if not loss.requires_grad:  # e.g. the discriminator before it is switched on
                 continue
-            opt.zero_grad(set_to_none=True)  # drop grads an earlier loss left on these params
+            opt.zero_grad(set_to_none=True)  # last step's grads, and any an earlier loss left on these params
             if self.scaler:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(opt)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minildm.autoencoder import Downsample, Upsample
+
 # --------------------------------------------------------------------------------------------------
 # 1. Timestep embedding
 # --------------------------------------------------------------------------------------------------
@@ -228,26 +230,7 @@ class SpatialTransformer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour x2, then a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+# Downsample (stride-2 conv) and Upsample (nearest x2 + conv) are the autoencoder's (autoencoder.py).
 
 
 class Stage(nn.Sequential):

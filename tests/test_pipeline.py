@@ -146,3 +146,9 @@ def test_cli_train_writes_both_grids_and_resumes_without_retraining(tmp_path, mo
     for name in names:
         step = torch.load(tmp_path / name, weights_only=True)["step"]
         assert step == (4 if name.startswith("autoencoder") else diffusion_recipe("latent", fast=True).train.steps)
+
+
+def test_cli_train_refuses_to_mix_pipelines_in_one_folder(tmp_path, capsys):
+    (tmp_path / "autoencoder_vq_f4.pt").write_bytes(b"")
+    assert main(["train", "--fast", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "holds a pipeline built on autoencoder_vq_f4.pt" in capsys.readouterr().err
