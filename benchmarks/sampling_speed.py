@@ -6,7 +6,8 @@ For each space (the full-mode UNet on 4x16x16 latents and on 3x64x64 pixels) it 
 with classifier-free guidance (so the UNet sees a batch of 2 x --batch) through a `--steps`-step schedule,
 once in eager mode and once with `generate(..., cuda_graph=True)`, from the same seed, and prints the time
 per sampler step (in ms, which is also the seconds a 1000-step DDPM sample takes), the speed-up, and the largest difference
-between the two sample sets (it should be rounding noise). The weights are random (speed does not depend on
+between the two sample sets (it should be rounding noise). The graph time includes recording the graph once
+(three warm-up passes and the capture), spread over the timed steps. The weights are random (speed does not depend on
 them), with the zero-initialised output layer perturbed so that the samples are not trivially equal.
 """
 
