@@ -192,10 +192,10 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
-def to_floats(logs: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar tensors -> Python floats, with a single device sync."""
-    values = torch.stack([v.detach().float().reshape(()) for v in logs.values()]).tolist()
-    return dict(zip(logs, values))
+def detached(logs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Logs as detached scalar tensors: reading them as numbers would make the CPU wait for the GPU, so the
+    trainer does that only when it writes a log line."""
+    return {k: v.detach().reshape(()) for k, v in logs.items()}
 
 
 class AutoencoderLoss(nn.Module):
@@ -203,7 +203,7 @@ class AutoencoderLoss(nn.Module):
 
     generator_loss:     |x - x_rec| + w_p * perceptual + mean(reg_loss) + [step >= disc_start] * lambda * w_d * g_adv
     discriminator_loss: hinge(D(x), D(sg[x_rec])) once step >= disc_start
-    Logs are Python floats. The perceptual network is frozen; only `discriminator.parameters()` train.
+    Logs are detached scalar tensors. The perceptual network is frozen; only `discriminator.parameters()` train.
     """
 
     def __init__(self, cfg: AutoencoderLossConfig | None = None, feature_net: nn.Module | None = None):
@@ -221,7 +221,7 @@ class AutoencoderLoss(nn.Module):
         return self.discriminator is not None and step >= self.cfg.disc_start
 
     def generator_loss(self, x: Tensor, out: AutoencoderOutput, last_layer: Tensor,
-                       step: int) -> tuple[Tensor, dict[str, float]]:
+                       step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The autoencoder's loss on images x (B, C, H, W) and its output `out`. last_layer: the decoder's last
         weight (`Autoencoder.decoder_last_layer`), for the adaptive weight. Logs: loss_g, l1, perceptual, reg,
         g_adv, adaptive_weight and the autoencoder's stats (kl, posterior_std / codebook losses, perplexity,
@@ -242,9 +242,9 @@ class AutoencoderLoss(nn.Module):
             loss = loss + weight * self.cfg.disc_weight * g_adv
         logs = {"loss_g": loss, "l1": l1, "perceptual": perceptual, "reg": reg, "g_adv": g_adv,
                 "adaptive_weight": weight, **out.stats}
-        return loss, to_floats(logs)
+        return loss, detached(logs)
 
-    def discriminator_loss(self, x: Tensor, recon: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def discriminator_loss(self, x: Tensor, recon: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Hinge loss of the discriminator on real x and detached reconstructions x_rec.
         Before disc_start (or with disc_weight=0) it returns a plain zero without gradient and runs no
         network: skip the discriminator's update then (`if loss_d.requires_grad: loss_d.backward(); ...`)."""
@@ -254,4 +254,4 @@ class AutoencoderLoss(nn.Module):
         logits_fake = self.discriminator(recon.detach())
         loss = hinge_d_loss(logits_real, logits_fake)
         logs = {"loss_d": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
-        return loss, to_floats(logs)
+        return loss, detached(logs)
