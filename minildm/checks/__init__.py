@@ -67,5 +67,20 @@ def expect_tensor(got, expected: torch.Tensor, name: str, case: str, atol: float
         raise ExerciseError(f"{name} ({case}): {wrong} of {expected.numel()} entries differ from the expected values.")
 
 
+def expect_value_error(fn, name: str, case: str, *args, why: str) -> None:
+    """The student's function must refuse this input with a ValueError (the course's rule: clear errors, raised
+    early); `why` completes "raise a ValueError that ..."."""
+    try:
+        result = call(fn, name, *args)
+    except ValueError:
+        return
+    except ExerciseError:
+        raise
+    except Exception as e:
+        raise ExerciseError(f"{name} ({case}): raised {type(e).__name__}; raise a ValueError that {why}.") from e
+    raise ExerciseError(f"{name} ({case}): returned {type(result).__name__} for input it must refuse; raise a "
+                        f"ValueError that {why}.")
+
+
 def passed(name: str, detail: str) -> None:
     print(f"PASS {name}: {detail}")

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 
 from minildm import unet as ref
-from minildm.checks import ExerciseError, call, expect_tensor, known_mistake, passed, run
+from minildm.checks import ExerciseError, expect_tensor, expect_value_error, known_mistake, passed, run
 
 
 def check_timestep_embedding(fn) -> None:
@@ -96,19 +96,8 @@ def check_split_heads(fn) -> None:
             "(heads, d) first, then move heads in front of N.": x.reshape(2, heads, 3, d),
         } if heads > 1 else {}, name, case)
         expect_tensor(got, rearrange(x, "b n (h d) -> b h n d", h=heads), name, case)
-    try:
-        result = call(fn, name, torch.zeros(1, 2, 10), 3)
-    except ValueError:
-        pass
-    except ExerciseError:
-        raise
-    except Exception as e:
-        raise ExerciseError(f"{name} (10 channels, 3 heads): raised {type(e).__name__}; check first and raise a "
-                            "ValueError that names the problem (channels not divisible by heads).") from e
-    else:
-        raise ExerciseError(f"{name} (10 channels, 3 heads): returned a result of shape "
-                            f"{tuple(getattr(result, 'shape', ()))} instead of raising ValueError: 10 channels "
-                            "cannot be split into 3 equal heads.")
+    expect_value_error(fn, name, "10 channels, 3 heads", torch.zeros(1, 2, 10), 3,
+                       why="names the problem: 10 channels cannot be split into 3 equal heads")
     passed(name, "(B, N, heads*d) -> (B, heads, N, d) in the (heads, d) channel layout; bad head counts raise")
 
 

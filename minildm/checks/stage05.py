@@ -8,23 +8,13 @@ import torch
 from torch import nn
 
 from minildm import diffusion as ref
-from minildm.checks import ExerciseError, call, expect_tensor, known_mistake, passed, run
+from minildm.checks import ExerciseError, expect_tensor, expect_value_error, known_mistake, passed, run
 from minildm.schedules import NoiseSchedule
 
 
 def _expect_value_error(fn, name: str, *args) -> None:
-    """An unknown prediction type must raise ValueError (the course's rule: clear errors, raised early)."""
-    try:
-        result = call(fn, name, *args)
-    except ValueError:
-        return
-    except ExerciseError:
-        raise
-    except Exception as e:
-        raise ExerciseError(f"{name} (prediction='score'): raised {type(e).__name__}; raise a ValueError that "
-                            f"names the valid choices {ref.PREDICTIONS}.") from e
-    raise ExerciseError(f"{name} (prediction='score'): returned {type(result).__name__} for an unknown prediction "
-                        f"type; raise a ValueError that names the valid choices {ref.PREDICTIONS}.")
+    """An unknown prediction type must raise ValueError."""
+    expect_value_error(fn, name, "prediction='score'", *args, why=f"names the valid choices {ref.PREDICTIONS}")
 
 
 def _batch(seed: int, T: int = 1000):
