@@ -15,15 +15,20 @@ import sys
 from pathlib import Path
 
 
-def autograde(assignment: str, course: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run `nbgrader autograde` (it starts alembic and a kernel: the environment's bin folder goes on PATH)."""
+def nbgrader(*args: str, cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run this environment's `nbgrader` with its bin folder on PATH (nbgrader starts alembic and kernels)."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(bin_dir / "nbgrader"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          check=False, timeout=timeout)
+
+
+def autograde(assignment: str, course: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run `nbgrader autograde` on every submission of `assignment`."""
     # The gradebook must know the assignment: releasing it again (idempotent) registers it.
     for args in (["generate_assignment", assignment, "--force"],
                  ["autograde", assignment, "--force", f"--ExecutePreprocessor.timeout={timeout}"]):
-        result = subprocess.run([str(bin_dir / "nbgrader"), *args], cwd=course, env=env, capture_output=True,
-                                text=True, check=False)
+        result = nbgrader(*args, cwd=course)
         if result.returncode != 0:
             raise RuntimeError(f"nbgrader {args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return result

@@ -8,24 +8,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from minildm.grade import nbgrader as run_nbgrader
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
-BIN = Path(sys.executable).parent
 
 
 def nbgrader(*args, cwd: Path) -> subprocess.CompletedProcess:
-    # nbgrader starts alembic as a subprocess: the environment's bin folder must be on PATH.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(BIN / "nbgrader"), *args], cwd=cwd, env=env, capture_output=True, text=True, check=False,
-                          timeout=300)
+    return run_nbgrader(*args, cwd=cwd, timeout=300)
 
 
 def _cells(path: Path) -> list[dict]:
