@@ -69,3 +69,26 @@ def plot_history(history: list[dict], keys: list[str], ax=None, logy: bool = Tru
     ax.legend()
     ax.grid(alpha=0.3)
     return ax
+
+
+def explore(draw, **controls):
+    """A figure with sliders: ``draw(**values)`` returns a figure; ``controls`` maps its arguments to widgets.
+
+    The figure for the controls' starting values is an ordinary cell output (so it shows in a static view of
+    the notebook), and every change of a control redraws it in place through its display id. This replaces
+    ``ipywidgets.interact``, which draws into an Output widget: with no browser attached (nbval in CI, nbclient
+    on the GPU machine) that capture can hang the run at random (jupyter/nbclient#312, jupyter/nbconvert#2029),
+    and a static view of the notebook shows no figure at all.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    def figure():
+        fig = draw(**{name: control.value for name, control in controls.items()})
+        plt.close(fig)  # shown once, through the display below, not again by pyplot at the end of the cell
+        return fig
+
+    display(widgets.HBox(list(controls.values())))
+    handle = display(figure(), display_id=True)
+    for control in controls.values():
+        control.observe(lambda _change: handle.update(figure()), names="value")

@@ -1,0 +1,52 @@
+"""The plotting helpers: grids of the right size, and `explore`'s sliders in a real kernel."""
+
+import base64
+from pathlib import Path
+
+import matplotlib
+import nbformat
+import torch
+from nbclient import NotebookClient
+
+from minildm.viz import to_numpy_image
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_grid_layout_and_range():
+    images = torch.linspace(-1, 1, 5 * 3 * 4 * 4).reshape(5, 3, 4, 4)
+    grid = to_numpy_image(images, nrow=3, padding=2)
+    assert grid.shape == (2 * (4 + 2) + 2, 3 * (4 + 2) + 2, 3)  # 2 rows of 3 cells, padding around each
+    assert grid.min() == 0.0 and grid.max() == 1.0
+
+
+def _pngs(cell):
+    return [base64.b64decode(o["data"]["image/png"]) for o in cell.outputs if "image/png" in o.get("data", {})]
+
+
+def test_explore_draws_once_then_redraws_in_place_when_a_control_moves():
+    """The starting figure is a plain output of the cell (no Output widget), and moving the slider replaces
+    that figure through its display id instead of adding a second one."""
+    draw = """
+import ipywidgets as widgets, matplotlib.pyplot as plt
+from minildm.viz import explore
+def line(slope=1):
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, slope])
+    ax.set_ylim(0, 5)
+    return fig
+slider = widgets.IntSlider(1, 0, 5)
+explore(line, slope=slider)
+"""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(draw)])
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    widget_view, figure = nb.cells[0].outputs  # the controls, then the figure as a plain output
+    assert "application/vnd.jupyter.widget-view+json" in widget_view["data"] and "image/png" in figure["data"]
+    (first,) = _pngs(nb.cells[0])
+
+    nb.cells.append(nbformat.v4.new_code_cell("slider.value = 4"))
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    (moved,) = _pngs(nb.cells[0])  # still one figure in the first cell ...
+    assert moved != first  # ... and it is the redrawn one
+    assert _pngs(nb.cells[1]) == []
