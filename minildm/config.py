@@ -112,7 +112,7 @@ def diffusion_recipe(space: str = "latent", fast: bool | None = None) -> Diffusi
     else:
         unet = UNetConfig(in_channels=channels, image_size=resolution, base_channels=128, channel_mult=(1, 2, 3),
                           num_res_blocks=2, attention_levels=(1, 2), heads=4, context_dim=text.dim)
-        batch = 128 if space == "latent" else 32
+        batch = 256 if space == "latent" else 32
         train = TrainConfig(steps=10**6, batch_size=batch, lr=2e-4, ema_decay=0.999, ckpt_every=1000,
                             log_every=50, max_seconds=300 if space == "latent" else 180)
     diffusion = DiffusionConfig(space=space, schedule="scaled_linear" if space == "latent" else "linear",
