@@ -130,7 +130,15 @@ class Trainer:
     def fit(self, batch_at: Callable[[int], object], steps: int | None = None, progress: bool = True) -> list[dict]:
         """Train until `steps` (default cfg.steps) or `cfg.max_seconds` of training; checkpoint on the way."""
         total = steps if steps is not None else self.cfg.steps
-        bar = tqdm(total=total, initial=self.step, desc=self.task.kind, disable=not progress, dynamic_ncols=True)
+        budget = self.cfg.max_seconds
+        finished = self.step >= total or (budget is not None and self.train_seconds >= budget)
+        if budget is None:
+            bar = tqdm(total=total, initial=self.step, desc=self.task.kind, disable=not progress or finished,
+                       dynamic_ncols=True)
+        else:  # a wall-clock budget ends the run (the step count is only a cap), so the bar counts its seconds
+            bar = tqdm(total=budget, initial=min(self.train_seconds, budget), desc=self.task.kind, unit="s",
+                       disable=not progress or finished, dynamic_ncols=True,
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training{postfix}")
         sync = torch.cuda.synchronize if self.rt.device.type == "cuda" else (lambda: None)
         sync()
         first_step = self.step
@@ -144,7 +152,10 @@ class Trainer:
                 self.step += 1
                 self.extra.clear()  # values derived from the weights (e.g. a scale factor) are stale now
                 images_since += self.cfg.batch_size
-                bar.update(1)
+                if budget is None:
+                    bar.update(1)
+                else:  # host-side seconds (the GPU may lag behind until the next log line): fine for a progress bar
+                    bar.update(min(self.train_seconds + time.perf_counter() - t_last, budget) - bar.n)
                 if self.step % self.cfg.log_every == 0 or self.step == total:
                     sync()
                     now = time.perf_counter()
@@ -154,7 +165,7 @@ class Trainer:
                                 images_per_s=images_since / max(now - t_last, 1e-9))
                     t_last, images_since = now, 0
                     self.history.append(logs)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+                    bar.set_postfix({"step": self.step} | {k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
                 if self.ckpt_path is not None and self.step % self.cfg.ckpt_every == 0:
                     self.save()
         except KeyboardInterrupt:
