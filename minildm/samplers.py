@@ -81,18 +81,19 @@ def ddpm_sample(model, shape, schedule: NoiseSchedule, context=None, prediction:
 
         steps = tqdm(steps, total=schedule.T, desc="DDPM")
     for i in steps:
-        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # (B,) for the model
         out = model_output(model, x, t, context, guidance_scale, uncond_context)
-        x0_hat, _ = to_x0_and_eps(out.float(), x, t, schedule, prediction)
+        # The schedule lookups take the Python int i: no host-device round trip per step (see NoiseSchedule.at)
+        x0_hat, _ = to_x0_and_eps(out.float(), x, i, schedule, prediction)
         if clip_x0 is not None:
             x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
         if return_trajectory and (i % every == 0 or i == schedule.T - 1):
             trajectory.append(Snapshot(i, x.cpu(), x0_hat.cpu()))
-        mean = schedule.at("posterior_mean_coef_x0", t, x) * x0_hat
-        mean = mean + schedule.at("posterior_mean_coef_xt", t, x) * x
+        mean = schedule.at("posterior_mean_coef_x0", i, x) * x0_hat
+        mean = mean + schedule.at("posterior_mean_coef_xt", i, x) * x
         if i > 0:
             noise = torch.randn(shape, generator=generator, device=device)
-            x = mean + schedule.at(variance_table, t, x).sqrt() * noise
+            x = mean + schedule.at(variance_table, i, x).sqrt() * noise
         else:
             x = mean
     return (x, trajectory) if return_trajectory else x

@@ -248,10 +248,14 @@ class NoiseSchedule:
         """Table `name` at timesteps t, shaped (B, 1, ..., 1) to broadcast against `like` (B, ...)."""
         if name not in self.TABLES:
             raise ValueError(f"unknown schedule table {name!r}; choose one of {self.TABLES}")
-        t = self.check_timesteps(t, like.shape[0])
         table = getattr(self, name) if like.dtype == torch.float64 else self._f32[name]
-        values = table.to(like.device)[t.to(like.device)].to(like.dtype)  # (B,)
-        return values.view(-1, *([1] * (like.ndim - 1)))
+        table = table.to(like.device)
+        broadcast = (-1, *([1] * (like.ndim - 1)))
+        if isinstance(t, int) and not isinstance(t, bool):  # one step for the whole batch, as in a sampler:
+            self.check_timesteps(t)  # checked on the host, and indexing with a Python int is a view, so the CPU
+            return table[t].to(like.dtype).expand(like.shape[0]).view(broadcast)  # never waits for the GPU
+        t = self.check_timesteps(t, like.shape[0])
+        return table[t.to(like.device)].to(like.dtype).view(broadcast)  # (B, 1, ..., 1)
 
     def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (Ho et al. eq 4)."""

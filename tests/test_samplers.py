@@ -12,11 +12,12 @@ MU, S = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
 N = 4000
 
 
-def oracle(schedule, mu, s, prediction="eps"):
+def oracle(schedule, mu, s, prediction="eps", device="cpu"):
     """The exact denoiser for x0 ~ N(mu, diag(s^2)): E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2), etc."""
+    alpha_bar, mu, s = schedule.alpha_bar.to(device), mu.to(device), s.to(device)
 
     def model(x_t, t, context=None):
-        ab = schedule.alpha_bar.to(x_t.device)[t].to(x_t.dtype)[:, None]  # (B, 1)
+        ab = alpha_bar[t].to(x_t.dtype)[:, None]  # (B, 1)
         a, b = ab.sqrt(), (1 - ab).sqrt()
         denom = ab * s**2 + b**2
         eps = b * (x_t - a * mu) / denom
@@ -158,3 +159,19 @@ def test_sampler_errors(sched):
         ddpm_sample(model, (4, 2), sched, variance="learned")
     with pytest.raises(ValueError, match=r"model output has shape \(4, 1\)"):
         ddpm_sample(lambda x, t, c: x[:, :1], (4, 2), sched)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_ddpm_never_makes_the_cpu_wait_for_the_gpu():
+    """A sampling step only queues GPU work: any host-device synchronisation (a timestep check on a GPU tensor,
+    an .item()) raises under sync-debug mode "error". The samples still have the exact moments."""
+    sched = NoiseSchedule.from_name("linear", 200).to("cuda")
+    model = oracle(sched, MU, S, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = ddpm_sample(model, (N, 2), sched, generator=generator, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    m, V = exact_moments(sched, MU, S)
+    assert (x.mean(0).cpu().double() - m).abs().max() < 5 * V.sqrt().max() / math.sqrt(N)

@@ -162,6 +162,9 @@ def test_timestep_errors():
         s.q_sample(x, torch.tensor([3, 1000]), x)
     with pytest.raises(ValueError, match="timestep -1 out of range"):
         s.at("snr", torch.tensor([-1, 0]), x)
+    for bad in (-1, 1000):  # a Python int takes the sampler's path (a view of the table) and is checked too
+        with pytest.raises(ValueError, match=f"timestep {bad} out of range"):
+            s.at("snr", bad, x)
     with pytest.raises(ValueError, match=r"must be integers.*float32"):
         s.at("snr", torch.tensor([0.0, 1.0]), x)
     with pytest.raises(ValueError, match=r"shape \(B,\) = \(2,\)"):
