@@ -50,3 +50,13 @@ explore(line, slope=slider)
     (moved,) = _pngs(nb.cells[0])  # still one figure in the first cell ...
     assert moved != first  # ... and it is the redrawn one
     assert _pngs(nb.cells[1]) == []
+
+
+def test_no_notebook_uses_ipywidgets_interact():
+    """interact draws into an Output widget, which can hang a run with no browser attached (CI's nbval, the GPU
+    machine's nbclient; jupyter/nbclient#312): the course's sliders go through `explore` instead."""
+    notebooks = sorted(ROOT.glob("notebooks/*.ipynb")) + sorted(ROOT.glob("solutions/**/*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        for cell in nbformat.read(path, as_version=4).cells:
+            assert "interact(" not in cell.source, f"{path.name} calls ipywidgets.interact; use minildm.viz.explore"
