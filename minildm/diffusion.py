@@ -74,12 +74,8 @@ def to_x0_and_eps(model_output, x_t, t, schedule: NoiseSchedule, prediction: str
     if model_output.shape != x_t.shape:
         raise ValueError(f"model output has shape {tuple(model_output.shape)} but x_t has {tuple(x_t.shape)}")
     if prediction == "eps":
-        # t as a Python int (a sampler's step) is checked on the host table: no wait for the GPU
-        if isinstance(t, int):
-            at_zero = schedule.alpha_bar[schedule.check_timesteps(t)] == 0
-        else:
-            at_zero = (schedule.at("alpha_bar", t, x_t) == 0).any()
-        if at_zero:
+        # Checked on the host table, so a sampler's step (t a Python int) never waits for the GPU here.
+        if (schedule.alpha_bar[schedule.check_timesteps(t, x_t.shape[0]).cpu()] == 0).any():
             raise ValueError("eps-prediction cannot recover x0 at a step with alpha_bar = 0 (the last step "
                              "of a zero-terminal-SNR schedule); train with prediction='v' (Lin et al. 2024)")
         return predict_x0_from_eps(x_t, t, model_output, schedule), model_output

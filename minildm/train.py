@@ -131,22 +131,22 @@ class Trainer:
         """Train until `steps` (default cfg.steps) or `cfg.max_seconds` of training; checkpoint on the way."""
         total = steps if steps is not None else self.cfg.steps
         budget = self.cfg.max_seconds
-        finished = self.step >= total or (budget is not None and self.train_seconds >= budget)
+
+        def done() -> bool:
+            return self.step >= total or (budget is not None and self.train_seconds >= budget)
+
+        bar_args = {"desc": self.task.kind, "disable": not progress or done(), "dynamic_ncols": True}
         if budget is None:
-            bar = tqdm(total=total, initial=self.step, desc=self.task.kind, disable=not progress or finished,
-                       dynamic_ncols=True)
+            bar = tqdm(total=total, initial=self.step, **bar_args)
         else:  # a wall-clock budget ends the run (the step count is only a cap), so the bar counts its seconds
-            bar = tqdm(total=budget, initial=min(self.train_seconds, budget), desc=self.task.kind, unit="s",
-                       disable=not progress or finished, dynamic_ncols=True,
-                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training{postfix}")
+            bar = tqdm(total=budget, initial=min(self.train_seconds, budget), unit="s",
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training{postfix}", **bar_args)
         sync = torch.cuda.synchronize if self.rt.device.type == "cuda" else (lambda: None)
         sync()
         first_step = self.step
         t_last, images_since = time.perf_counter(), 0
         try:
-            while self.step < total:
-                if self.cfg.max_seconds is not None and self.train_seconds >= self.cfg.max_seconds:
-                    break
+            while not done():
                 batch = batch_at(self.step)
                 logs = self.train_step(batch)
                 self.step += 1
