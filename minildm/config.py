@@ -14,6 +14,7 @@ from pathlib import Path
 from minildm.autoencoder import AutoencoderConfig
 from minildm.data.shapes import ShapesConfig
 from minildm.device import fast_mode
+from minildm.judge import JudgeConfig
 from minildm.losses import AutoencoderLossConfig
 from minildm.train import TrainConfig
 from minildm.unet import UNetConfig
@@ -47,7 +48,8 @@ def autoencoder_recipe(regularizer: str = "kl", f: int = 4, fast: bool | None = 
         return AutoencoderRecipe(
             model=AutoencoderConfig(image_size=32, base_channels=16, channel_mult=channel_mult_for(f),
                                     num_res_blocks=1, regularizer=regularizer, codebook_size=64),
-            loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.5, disc_start=30, disc_channels=16),
+            loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.5, disc_start=30, disc_channels=16,
+                                      disc_ramp=5),
             train=TrainConfig(steps=40, batch_size=16, lr=1e-3, ckpt_every=20, log_every=5),
             data=ShapesConfig(image_size=32),
         )
@@ -68,6 +70,7 @@ class TextConfig:
     depth: int = 2
     heads: int = 4
     max_length: int = 32  # tokens, <bos> and <eos> included; the longest Shapes caption needs 29
+    mask_padding: bool = True  # the UNet's cross-attention ignores <pad> tokens
 
 
 @dataclass
@@ -118,6 +121,17 @@ def diffusion_recipe(space: str = "latent", fast: bool | None = None) -> Diffusi
     diffusion = DiffusionConfig(space=space, schedule="scaled_linear" if space == "latent" else "linear",
                                 num_timesteps=unet.num_timesteps)
     return DiffusionRecipe(unet=unet, text=text, diffusion=diffusion, train=train, data=ShapesConfig(image_size=size))
+
+
+def judge_recipe(image_size: int = 64, fast: bool | None = None) -> tuple[JudgeConfig, TrainConfig]:
+    """The Shapes judge (stage 7) for `image_size` px. Full: about a minute on one GPU, >= 99.5% of objects read
+    right on held-out renders. Fast: a narrower judge and a few hundred steps on a CPU."""
+    if _fast(fast):
+        return (JudgeConfig(image_size=image_size, channels=24, blur_sigma=0.4, noise_std=0.05),
+                TrainConfig(steps=300, batch_size=32, lr=3e-3, ema_decay=None, ckpt_every=100, log_every=25))
+    return (JudgeConfig(image_size=image_size, channels=64, blur_sigma=0.8, noise_std=0.05),
+            TrainConfig(steps=3000, batch_size=128, lr=2e-3, ema_decay=None, ckpt_every=500, log_every=50,
+                        max_seconds=120))
 
 
 def project_root() -> Path:

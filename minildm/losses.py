@@ -6,8 +6,13 @@ average is blurry. LDM (following VQGAN, Esser et al. 2021) adds
 - a patch-based adversarial loss: a discriminator judges local patches as real or reconstructed, and the
   decoder is pushed to fool it, which restores texture and sharp edges.
 Total generator loss:
-    L = |x - x_rec| + w_p * perceptual(x, x_rec) + reg + [step >= disc_start] * lambda * w_d * (-D(x_rec))
-with lambda the adaptive weight of Esser et al. (eq. 7).
+    L = |x - x_rec| + w_p * perceptual(x, x_rec) + reg + r(step) * lambda * w_d * (-D(x_rec))
+with lambda the adaptive weight of Esser et al. (eq. 7) and r(step) 0 before `disc_start`, then ramping to 1.
+
+Our reconstruction loss is a mean over the C*H*W pixel values where taming-transformers/LDM sum it; lambda is
+a ratio of gradient norms, so it comes out C*H*W times smaller here and taming's clamp of 1e4 becomes
+1e4 / (C*H*W) (about 0.8 at 64 px). Without that clamp an untrained discriminator, whose gradients are tiny,
+gets an enormous weight the moment it joins.
 
 This module only computes losses; the training loop (optimisers, steps) belongs to the trainer:
     loss_g, logs = criterion.generator_loss(x, out, ae.decoder_last_layer, step); loss_g.backward(); opt_ae.step()
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minildm.autoencoder import AutoencoderOutput
+from minildm.autoencoder import AutoencoderOutput, autocast_off
 
 # --------------------------------------------------------------------------------------------------
 # Perceptual loss with a random-weight feature network
@@ -173,9 +178,16 @@ class AutoencoderLossConfig:
     disc_channels: int = 64
     disc_layers: int = 3  # stride-2 layers of the PatchGAN: needs images of at least 2**(disc_layers+1) pixels
     in_channels: int = 3
+    # How the two players train (taming-transformers' settings; each one measured in notebook 02):
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # Adam betas of the discriminator (and none of its grads clipped)
+    disc_ramp: int = 500  # steps over which the generator's adversarial weight rises linearly from 0 after disc_start
+    max_adaptive_weight: float | None = None  # clamp of lambda; None = 1e4 / (C*H*W), taming's clamp for a summed loss
+    disc_fp32: bool = True  # run the discriminator outside autocast (its hinge losses sit near 1.0, where bf16
+    #                         has 3 significant digits)
 
     def __post_init__(self):
-        for name in ("perceptual_weight", "disc_weight", "disc_start"):
+        self.disc_betas = tuple(self.disc_betas)
+        for name in ("perceptual_weight", "disc_weight", "disc_start", "disc_ramp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -220,6 +232,20 @@ class AutoencoderLoss(nn.Module):
     def disc_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.cfg.disc_start
 
+    def adversarial_factor(self, step: int) -> float:
+        """0 before disc_start, then rising linearly to 1 over disc_ramp steps: the generator does not chase an
+        untrained discriminator at full weight."""
+        if not self.disc_active(step):
+            return 0.0
+        return min(1.0, (step - self.cfg.disc_start + 1) / max(self.cfg.disc_ramp, 1))
+
+    def discriminate(self, x: Tensor) -> Tensor:
+        """Logits of the PatchGAN, in fp32 when cfg.disc_fp32 (autocast switched off around it)."""
+        if not self.cfg.disc_fp32:
+            return self.discriminator(x)
+        with autocast_off(x.device):
+            return self.discriminator(x.float())
+
     def generator_loss(self, x: Tensor, out: AutoencoderOutput, last_layer: Tensor,
                        step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The autoencoder's loss on images x (B, C, H, W) and its output `out`. last_layer: the decoder's last
@@ -236,9 +262,10 @@ class AutoencoderLoss(nn.Module):
         g_adv, weight = torch.zeros_like(l1), torch.zeros_like(l1)
         if self.disc_active(step):
             with frozen(self.discriminator):  # the generator's loss must not train the discriminator
-                g_adv = generator_adv_loss(self.discriminator(out.recon))
+                g_adv = generator_adv_loss(self.discriminate(out.recon))
             if torch.is_grad_enabled():  # no gradients in evaluation: the term is logged but not weighted
-                weight = adaptive_weight(rec_loss, g_adv, last_layer)
+                max_weight = self.cfg.max_adaptive_weight or 1e4 / x[0].numel()
+                weight = adaptive_weight(rec_loss, g_adv, last_layer, max_weight) * self.adversarial_factor(step)
             loss = loss + weight * self.cfg.disc_weight * g_adv
         logs = {"loss_g": loss, "l1": l1, "perceptual": perceptual, "reg": reg, "g_adv": g_adv,
                 "adaptive_weight": weight, **out.stats}
@@ -250,8 +277,8 @@ class AutoencoderLoss(nn.Module):
         network: skip the discriminator's update then (`if loss_d.requires_grad: loss_d.backward(); ...`)."""
         if not self.disc_active(step):
             return x.new_zeros(()), {"loss_d": 0.0}
-        logits_real = self.discriminator(x.detach())
-        logits_fake = self.discriminator(recon.detach())
+        logits_real = self.discriminate(x.detach())
+        logits_fake = self.discriminate(recon.detach())
         loss = hinge_d_loss(logits_real, logits_fake)
         logs = {"loss_d": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         return loss, detached(logs)

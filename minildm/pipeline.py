@@ -20,8 +20,9 @@ from minildm.data.shapes import ShapesConfig, ShapesDataset, vocabulary
 from minildm.device import Runtime, cuda_graphed
 from minildm.diffusion import diffusion_loss
 from minildm.ema import EMA
+from minildm.judge import ShapesJudge, caption_accuracy
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
-from minildm.metrics import psnr
+from minildm.metrics import frechet_distance, psnr
 from minildm.samplers import ddpm_sample
 from minildm.schedules import NoiseSchedule
 from minildm.text import TextEncoder, WordTokenizer, drop_captions
@@ -42,8 +43,9 @@ class AutoencoderTask(nn.Module):
 
     def param_groups(self) -> dict:
         groups = {"autoencoder": list(self.autoencoder.parameters())}
-        if self.loss.discriminator is not None:
-            groups["discriminator"] = list(self.loss.discriminator.parameters())
+        if self.loss.discriminator is not None:  # Adam (0.5, 0.9) without clipping, as in taming-transformers
+            groups["discriminator"] = {"params": list(self.loss.discriminator.parameters()),
+                                       "betas": self.loss_cfg.disc_betas, "grad_clip": None}
         return groups
 
     def losses(self, batch: dict, step: int):
@@ -132,7 +134,12 @@ def load_autoencoder(path: str | Path, device="cpu", use_ema: bool = True) -> Au
 
 
 class Denoiser(nn.Module):
-    """The trained part of text-to-image diffusion: caption encoder tau_theta + UNet eps_theta."""
+    """The trained part of text-to-image diffusion: caption encoder tau_theta + UNet eps_theta.
+
+    Its condition is a caption's token ids (B, L) (`tokenize`), encoded inside `forward`, so a sampler treats
+    them like any other context tensor and the padding mask travels with them: with `text_cfg.mask_padding`
+    the UNet's cross-attention reads only the real tokens (<bos>, the words, <eos>), never the padding.
+    """
 
     def __init__(self, unet_cfg: UNetConfig, text_cfg: TextConfig, tokenizer: WordTokenizer):
         super().__init__()
@@ -144,13 +151,19 @@ class Denoiser(nn.Module):
                                         text_cfg.max_length)
         self.unet = UNet(unet_cfg)
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> context (B, L, dim) for the UNet's cross-attention."""
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> token ids (B, max_length) on the model's device."""
         ids = self.tokenizer.encode(captions, self.text_cfg.max_length, truncate=True)
-        return self.text_encoder(ids.to(self.unet.conv_in.weight.device))
+        return ids.to(self.unet.conv_in.weight.device)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t, context)
+    def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, L) -> (context (B, L, dim), mask (B, L), True at real tokens; None without masking)."""
+        mask = ids != self.text_encoder.pad_id if self.text_cfg.mask_padding else None
+        return self.text_encoder(ids), mask
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        context, mask = self.encode_text(ids)
+        return self.unet(x_t, t, context, mask)
 
 
 class DiffusionTask(nn.Module):
@@ -173,9 +186,9 @@ class DiffusionTask(nn.Module):
         x0 = batch["x"]
         self.schedule.to(x0.device)
         captions = drop_captions(batch["caption"], self.diffusion_cfg.caption_drop, self.drop_generator)
-        context = self.denoiser.encode_text(captions)
+        ids = self.denoiser.tokenize(captions)
         cfg = self.diffusion_cfg
-        loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, context)
+        loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, ids)
         return {"denoiser": loss}, {"loss": logs["loss"], "mse": logs["mse"]}
 
     def ema_module(self) -> nn.Module:
@@ -214,8 +227,8 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
     same numbers, several times fewer seconds, since eager sampling at small batches is launch-bound."""
     denoiser.eval()
     schedule.to(runtime.device)
-    context = denoiser.encode_text(captions)
-    uncond = denoiser.encode_text([""] * len(captions))
+    context = denoiser.tokenize(captions)  # (B, L) token ids: the denoiser encodes them at every step
+    uncond = denoiser.tokenize([""] * len(captions))
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     use_graph = runtime.device.type == "cuda" if cuda_graph is None else cuda_graph
     if use_graph and runtime.device.type != "cuda":
@@ -262,6 +275,7 @@ def load_diffusion(path: str | Path, device="cpu", use_ema: bool = True):
     """Rebuild (denoiser, schedule, DiffusionConfig) from a diffusion checkpoint."""
     state = load_checkpoint(path, kind="diffusion", map_location=device)
     cfg = state["config"]
+    cfg["text"].setdefault("mask_padding", False)  # checkpoints from before padding masking let the UNet see it
     task = DiffusionTask(UNetConfig(**cfg["unet"]), TextConfig(**cfg["text"]), DiffusionConfig(**cfg["diffusion"]),
                          WordTokenizer.from_state_dict(cfg["tokenizer"]))
     task.load_state_dict(state["model"])
@@ -269,3 +283,68 @@ def load_diffusion(path: str | Path, device="cpu", use_ema: bool = True):
     if use_ema and state.get("ema"):
         use_ema_weights(denoiser, state["ema"])
     return denoiser.eval(), task.schedule, task.diffusion_cfg
+
+
+# ==================================================================================================
+# Stage 7: how good is a trained pipeline (the judge, FD on its features, PSNR)
+# ==================================================================================================
+
+
+def held_out_batch(n: int, image_size: int, device, start: int = 0) -> dict:
+    """Held-out Shapes images start .. start + n - 1 (seed HOLDOUT_SEED): images, captions, attributes."""
+    if n < 1:
+        raise ValueError(f"asked for {n} held-out images; evaluate at least 1 (e.g. -n 512)")
+    return ShapesDataset(ShapesConfig(image_size=image_size, seed=HOLDOUT_SEED)).batch(range(start, start + n),
+                                                                                         device=device)
+
+
+@torch.no_grad()
+def evaluate_autoencoder(autoencoder: Autoencoder, judge: ShapesJudge, runtime: Runtime, n: int = 512,
+                         batch_size: int = 128) -> dict:
+    """Reconstructions of n held-out images: mean PSNR (dB) and caption accuracy as the judge reads them (the
+    first stage caps what latent diffusion can draw), next to the judge on the real images themselves."""
+    autoencoder.eval()
+    real = held_out_batch(n, judge.cfg.image_size, runtime.device)
+    recons = []
+    for x in real["image"].split(batch_size):
+        with runtime.autocast():
+            recons.append(autoencoder(x, sample=False).recon.float().clamp(-1, 1))
+    recon = torch.cat(recons)
+    return {"n": n, "psnr": psnr(real["image"], recon).mean().item(),
+            "judge_on_real": caption_accuracy(judge.read(real["image"]), real["attributes"]),
+            "judge_on_reconstructions": caption_accuracy(judge.read(recon), real["attributes"])}
+
+
+@torch.no_grad()
+def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, int, int],
+                           runtime: Runtime, judge: ShapesJudge, autoencoder: Autoencoder | None = None,
+                           n: int = 512, guidance_scales: tuple[float, ...] = (3.0,), prediction: str = "eps",
+                           batch_size: int = 256, seed: int = 0, keep_images: int = 0,
+                           cuda_graph: bool | None = None) -> dict:
+    """Sample one image for each of n held-out captions at every guidance scale and score them: caption accuracy
+    (the judge), Fréchet distance on the judge's features to n real held-out images, and the real-data floor
+    (FD between two disjoint sets of n real images) that every FD is divided by."""
+    if n < 2:
+        raise ValueError(f"asked for {n} samples; FD needs at least 2 (use n >= 256 for stable numbers)")
+    size = judge.cfg.image_size
+    real = held_out_batch(n, size, runtime.device)
+    real_features = judge.features(real["image"])
+    floor = frechet_distance(real_features, judge.features(held_out_batch(n, size, runtime.device, start=n)["image"]))
+    result = {"n": n, "fd_real_floor": floor, "by_guidance": {}}
+    for scale in guidance_scales:
+        images = torch.cat([
+            generate(denoiser, real["caption"][i:i + batch_size], schedule, shape, runtime, prediction=prediction,
+                     guidance_scale=scale, autoencoder=autoencoder, seed=seed + i, cuda_graph=cuda_graph)
+            for i in range(0, n, batch_size)])
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"the pipeline draws {images.shape[-1]} px images but the judge reads {size} px")
+        scores = caption_accuracy(judge.read(images), real["attributes"])
+        fd = frechet_distance(judge.features(images), real_features)
+        scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12))
+        if keep_images:
+            scores["images"] = images[:keep_images].cpu()
+            scores["read"] = judge.read(images[:keep_images]).cpu()
+        result["by_guidance"][scale] = scores
+    result["captions"] = real["caption"]
+    result["attributes"] = real["attributes"].cpu()
+    return result

@@ -180,7 +180,8 @@ class TextEncoder(nn.Module):
     token embedding + learned positional embedding -> `depth` pre-norm transformer encoder layers
     (self-attention + GELU MLP of width 4 * dim) -> LayerNorm. Padding tokens are masked out as keys, so
     the features of the real tokens do not depend on how much padding follows them. The outputs at
-    padding positions exist too (they attend to the real tokens); the UNet's cross-attention sees all L.
+    padding positions exist too (they attend to the real tokens, so each one is a summary of the whole
+    caption); the UNet's cross-attention should mask them out (`Denoiser` does, with `TextConfig.mask_padding`).
 
     The empty caption "" (ids <bos> <eos> <pad>...) gives the unconditional context of classifier-free
     guidance; it is learned like any other caption when captions are dropped with `drop_captions`.
@@ -216,7 +217,8 @@ class TextEncoder(nn.Module):
         if ids.shape[1] > self.max_length:
             raise ValueError(f"TextEncoder was built with max_length={self.max_length} but got "
                              f"{ids.shape[1]} tokens; encode with max_length={self.max_length}")
-        if ids.numel() and not torch.compiler.is_compiling():
+        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph may not wait
+        if ids.numel() and not (torch.compiler.is_compiling() or capturing):
             low, high = ids.min().item(), ids.max().item()
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size="

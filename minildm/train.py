@@ -3,7 +3,9 @@
 A *task* is an `nn.Module` that knows its models and losses; the `Trainer` knows nothing about
 autoencoders or diffusion. A task provides
 
-- `param_groups() -> {name: parameters}`: one AdamW optimiser per entry, stepped in this order;
+- `param_groups() -> {name: parameters}`: one AdamW optimiser per entry, stepped in this order; an entry may
+  also be a dict {"params": ..., "betas": ..., "grad_clip": ...} to override the TrainConfig for that optimiser
+  (the autoencoder's discriminator trains with Adam betas (0.5, 0.9) and no clipping, as in taming-transformers);
 - `losses(batch, step) -> ({name: loss}, {log_name: float})`: one loss per optimiser;
 - `ema_module()`: the module whose exponential moving average is kept (or None);
 - `kind` and `config_dict()`: stored in the checkpoint so the model can be rebuilt.
@@ -51,10 +53,12 @@ class Trainer:
         self.task = task.to(runtime.device)
         self.cfg, self.rt = cfg, runtime
         self.ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
-        self.optimizers = {
-            name: torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-            for name, params in task.param_groups().items()
-        }
+        self.optimizers, self.grad_clip = {}, {}
+        for name, group in task.param_groups().items():
+            group = dict(group) if isinstance(group, dict) else {"params": group}
+            self.grad_clip[name] = group.pop("grad_clip", cfg.grad_clip)
+            settings = {"lr": cfg.lr, "betas": cfg.adam_betas, "weight_decay": cfg.weight_decay, **group}
+            self.optimizers[name] = torch.optim.AdamW(**settings)
         ema_target = task.ema_module()
         self.ema = EMA(ema_target, decay=cfg.ema_decay) if (cfg.ema_decay and ema_target is not None) else None
         # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
@@ -114,9 +118,9 @@ class Trainer:
                 self.scaler.unscale_(opt)
             else:
                 loss.backward()
-            if self.cfg.grad_clip:
+            if self.grad_clip[name]:
                 params = [p for g in opt.param_groups for p in g["params"]]
-                logs[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                logs[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip[name])
             if self.scaler:
                 self.scaler.step(opt)
             else:

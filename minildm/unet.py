@@ -190,14 +190,17 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, dim), context (B, L, context_dim), context_mask (B, L) bool: True = a real token, False = padding
+        that cross-attention must not read."""
         if (context is None) != (self.attn2 is None):
             raise ValueError("TransformerBlock: pass a context exactly when the block was built with a "
                              f"context_dim (has cross-attention: {self.attn2 is not None}, "
                              f"got context: {context is not None})")
         x = x + self.attn1(self.norm1(x))
         if self.attn2 is not None:
-            x = x + self.attn2(self.norm2(x), context)
+            x = x + self.attn2(self.norm2(x), context, key_mask=context_mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -217,11 +220,12 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
         self.proj_out = zero_init(nn.Linear(inner, channels))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         tokens = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, H*W, inner)
         for block in self.blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, context_mask)
         return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
 
 
@@ -237,12 +241,13 @@ class Stage(nn.Sequential):
     """A few layers run in order, each given what it needs: ResBlocks the time embedding,
     SpatialTransformers the context, Downsample/Upsample only x."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, context_mask)
             else:
                 x = layer(x)
         return x
@@ -361,21 +366,24 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t scalar or (B,) in [0, num_timesteps - 1], context (B, L, context_dim) or None."""
-        t = self.check_inputs(x, t, context)
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t scalar or (B,) in [0, num_timesteps - 1], context (B, L, context_dim) or None,
+        context_mask (B, L) bool or None: False marks padding tokens that cross-attention ignores."""
+        t = self.check_inputs(x, t, context, context_mask)
         emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))  # (B, 4 * base)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb, context)
+            h = stage(h, emb, context, context_mask)
             skips.append(h)
-        h = self.mid(h, emb, context)
+        h = self.mid(h, emb, context, context_mask)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
 
-    def check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None) -> torch.Tensor:
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None,
+                     context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raise a ValueError naming the problem for any input the UNet cannot use; return t as (B,)."""
         cfg = self.cfg
         if x.ndim != 4:
@@ -401,6 +409,11 @@ class UNet(nn.Module):
             raise ValueError(f"t must lie in [0, {T - 1}] (num_timesteps={T}), "
                              f"got values in [{t.min().item()}, {t.max().item()}]")
         self._check_context(b, context)
+        if context_mask is not None and (context is None or context_mask.dtype != torch.bool
+                                         or context_mask.shape != context.shape[:2]):
+            raise ValueError(f"context_mask must be a bool tensor of shape (B, L) = "
+                             f"{tuple(context.shape[:2]) if context is not None else '(no context)'} (True = a real "
+                             f"token), got {context_mask.dtype} {tuple(context_mask.shape)}")
         return t
 
     def _check_context(self, b: int, context: torch.Tensor | None) -> None:

@@ -174,15 +174,17 @@ def test_before_disc_start_no_adversarial_term_and_no_discriminator_cost(regular
     assert calls == []  # the discriminator never ran
 
 
-def test_after_disc_start_generator_gets_weighted_adversarial_term():
-    ae, crit, x = make()
+@pytest.mark.parametrize("step, ramp", [(3, 1), (4, 4), (9, 4)])
+def test_after_disc_start_generator_gets_weighted_adversarial_term(step, ramp):
+    ae, crit, x = make(disc_ramp=ramp, max_adaptive_weight=1e4)
     calls = count_calls(crit.discriminator)
     out = ae(x, sample=False)
-    loss, logs = crit.generator_loss(x, out, ae.decoder_last_layer, step=3)
+    loss, logs = crit.generator_loss(x, out, ae.decoder_last_layer, step=step)
     assert calls
     rec = (x - out.recon).abs().mean() + 0.7 * crit.perceptual(x, out.recon).mean()
     g_adv = -crit.discriminator(out.recon).mean()
-    lam = adaptive_weight(rec, g_adv, ae.decoder_last_layer)
+    ramp_factor = min(1.0, (step - 3 + 1) / ramp)  # disc_start = 3: 1, 0.5, 1
+    lam = adaptive_weight(rec, g_adv, ae.decoder_last_layer) * ramp_factor
     torch.testing.assert_close(loss, rec + out.reg_loss.mean() + 0.5 * lam * g_adv)
     assert logs["adaptive_weight"] == pytest.approx(lam.item(), rel=1e-5)
     assert logs["g_adv"] == pytest.approx(g_adv.item(), rel=1e-5)
@@ -247,3 +249,46 @@ def test_clear_errors():
     ae, crit, x = make()
     with pytest.raises(ValueError, match="differ in shape"):
         crit.generator_loss(x[:1], ae(x), ae.decoder_last_layer, step=0)
+
+
+def test_adaptive_weight_clamp_defaults_to_taming_clamp_for_a_mean_loss():
+    """Our reconstruction loss is a mean over C*H*W values where taming sums it: lambda is C*H*W times smaller,
+    so the default clamp is 1e4 / (C*H*W) (13 at 16 px, 0.8 at 64 px); an explicit clamp binds when lambda exceeds it."""
+    ae, crit, x = make(disc_ramp=1)
+    out = ae(x, sample=False)
+    rec = (x - out.recon).abs().mean() + 0.7 * crit.perceptual(x, out.recon).mean()
+    unclamped = adaptive_weight(rec, -crit.discriminator(out.recon).mean(), ae.decoder_last_layer).item()
+    _, logs = crit.generator_loss(x, out, ae.decoder_last_layer, step=3)
+    assert logs["adaptive_weight"] == pytest.approx(min(unclamped, 1e4 / x[0].numel()), rel=1e-5)
+    assert unclamped > 1.0
+    ae, crit, x = make(disc_ramp=1, max_adaptive_weight=1.0)
+    _, logs = crit.generator_loss(x, ae(x, sample=False), ae.decoder_last_layer, step=3)
+    assert logs["adaptive_weight"] == pytest.approx(1.0)
+
+
+def test_discriminator_separates_real_from_reconstructed_during_the_gan_phase():
+    """A few discriminator steps on a fixed blurry "autoencoder" (a 3x3 box blur): with the shipped settings
+    (Adam (0.5, 0.9), fp32 logits) the discriminator must learn to tell real from reconstructed images on held-out
+    images, not sit at the hinge loss of 1.0 that an inactive discriminator gives."""
+    torch.manual_seed(0)
+    cfg = AutoencoderLossConfig(perceptual_weight=0.0, disc_weight=0.5, disc_start=0, disc_channels=16, disc_layers=2)
+    crit = AutoencoderLoss(cfg)
+    opt = torch.optim.Adam(crit.discriminator.parameters(), lr=5e-4, betas=cfg.disc_betas)
+
+    def blur(images):
+        return torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+
+    for step in range(100):
+        x = disks(16, size=16, seed=step)
+        loss_d, _ = crit.discriminator_loss(x, blur(x), step)
+        opt.zero_grad()
+        loss_d.backward()
+        opt.step()
+    held_out = disks(64, size=16, seed=1000)
+    with torch.no_grad():
+        real = crit.discriminator(held_out).mean((1, 2, 3))
+        fake = crit.discriminator(blur(held_out)).mean((1, 2, 3))
+        loss_d, _ = crit.discriminator_loss(held_out, blur(held_out), 100)
+    accuracy = ((real > 0).float().mean() + (fake < 0).float().mean()) / 2
+    assert accuracy > 0.9, f"held-out real/reconstructed accuracy {accuracy:.2f}"
+    assert loss_d.item() < 0.8, f"hinge loss {loss_d.item():.3f} (1.0 = separates nothing)"
