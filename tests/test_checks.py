@@ -1,4 +1,4 @@
-"""Checkers of exercises 02-05 (autoencoder, schedules, UNet blocks, objectives) accept a correct answer and
+"""Checkers of exercises 02-05 and 07 (autoencoder, schedules, UNet blocks, objectives, evaluation) accept a correct answer and
 reject the unfilled stub and typical wrong answers with a message that says what is wrong."""
 
 import math
@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from minildm import autoencoder as ref
-from minildm import diffusion, schedules, unet
+from minildm import diffusion, judge, metrics, schedules, unet
 from minildm.checks import ExerciseError
 from minildm.checks import stage02 as s02
 from minildm.checks import stage03 as s03
 from minildm.checks import stage04 as s04
 from minildm.checks import stage05 as s05
+from minildm.checks import stage07 as s07
 
 
 def unfilled(*args):
@@ -260,6 +261,205 @@ def test_checkers_leave_the_global_random_state_alone():
     torch.manual_seed(0)
     s04.check_cross_attention(cross_attention)
     s05.check_diffusion_loss(diffusion_loss)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+
+
+# ---- exercise 07 (evaluation): correct answers and typical wrong ones ------------------------------------
+
+
+def feature_statistics(x):
+    if x.shape[0] < 2:
+        raise ValueError("need at least 2 samples")
+    return metrics.feature_statistics(x)
+
+
+def gaussian_fd(mu1, cov1, mu2, cov2):
+    if mu1.shape != mu2.shape:
+        raise ValueError("different dimensions")
+    return metrics.gaussian_frechet_distance(mu1, cov1, mu2, cov2)
+
+
+def psd_sqrt_unclamped(a):
+    w, v = torch.linalg.eigh(a)
+    return (v * w.sqrt()) @ v.T
+
+
+def fd_parts(mu1, cov1, mu2, cov2, middle=None, outer_sqrt=True):
+    """||mu1 - mu2||^2, tr S1 + tr S2 and tr((S1^{1/2} S2 S1^{1/2})^{1/2}), each piece replaceable."""
+    root = psd_sqrt_unclamped(cov1)
+    m = root @ cov2 @ root if middle is None else middle
+    w = torch.linalg.eigvalsh(m)
+    return (mu1 - mu2).pow(2).sum(), cov1.trace() + cov2.trace(), w.clamp_min(0).sqrt().sum() if outer_sqrt else w.sum()
+
+
+def fd_without_cross_term(*args):
+    d2, tr, _ = fd_parts(*args)
+    return d2 + tr
+
+
+def fd_with_cov_not_its_root(mu1, cov1, mu2, cov2):
+    d2, tr, cross = fd_parts(mu1, cov1, mu2, cov2, middle=cov1 @ cov2 @ cov1)
+    return d2 + tr - 2 * cross
+
+
+def fd_without_outer_sqrt(*args):
+    d2, tr, cross = fd_parts(*args, outer_sqrt=False)
+    return d2 + tr - 2 * cross
+
+
+def fd_elementwise_sqrt(mu1, cov1, mu2, cov2):
+    root = cov1.sqrt()  # entry by entry: NaN where a covariance is negative
+    return (mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * (root @ cov2 @ root).sqrt().trace()
+
+
+def fd_entrywise_root(mu1, cov1, mu2, cov2):
+    root = cov1.sqrt()
+    return fd_without_cross_term(mu1, cov1, mu2, cov2) - 2 * torch.linalg.eigvalsh(root @ cov2 @ root).sqrt().sum()
+
+
+def fd_trace_of_entrywise_sqrt(mu1, cov1, mu2, cov2):
+    root = psd_sqrt_unclamped(cov1)
+    return fd_without_cross_term(mu1, cov1, mu2, cov2) - 2 * torch.sqrt(root @ cov2 @ root).trace()
+
+
+def fd_unclamped(mu1, cov1, mu2, cov2):
+    root = psd_sqrt_unclamped(cov1)
+    cross = torch.linalg.eigvalsh(root @ cov2 @ root).sqrt().sum()
+    return (mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross
+
+
+def fd_without_width_check(mu1, cov1, mu2, cov2):
+    """Right on every valid input (torchmetrics' way: S1 S2 has the eigenvalues of S1^{1/2} S2 S1^{1/2})."""
+    cross = torch.linalg.eigvals(cov1 @ cov2).sqrt().real.sum()
+    return ((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross).item()
+
+
+def fd_through_eigvals(mu1, cov1, mu2, cov2):
+    if mu1.shape != mu2.shape:
+        raise ValueError("different dimensions")
+    return fd_without_width_check(mu1, cov1, mu2, cov2)
+
+
+def object_correct(read, attributes):
+    present = attributes[..., 0] >= 0
+    cell = attributes[..., 3].clamp(min=0)
+    seen = torch.gather(read, 1, cell[..., None].expand(-1, -1, 3))
+    return (seen == attributes[..., :3]).all(-1) & present
+
+
+def object_correct_wraps(read, attributes):
+    seen = read[torch.arange(len(read))[:, None], attributes[..., 3]]
+    return (seen == attributes[..., :3]).all(-1)
+
+
+def object_correct_by_slot(read, attributes):
+    return (read[:, :3] == attributes[..., :3]).all(-1) & (attributes[..., 0] >= 0)
+
+
+def object_correct_without_size(read, attributes):
+    seen = torch.gather(read, 1, attributes[..., 3].clamp(min=0)[..., None].expand(-1, -1, 3))
+    return (seen[..., :2] == attributes[..., :2]).all(-1) & (attributes[..., 0] >= 0)
+
+
+def caption_accuracy_variant(read, attributes, mistake=None):
+    """The report from per-object correctness; `mistake` names one typical error to make."""
+    present = attributes[..., 0] >= 0
+    n = int(present.sum())
+    cell = attributes[..., 3].clamp(min=0)
+    seen = torch.gather(read, 1, cell[..., None].expand(-1, -1, 3))
+    right = {"place": seen[..., 0] >= 0}
+    for i, key in enumerate(("shape", "colour", "size")):
+        right[key] = seen[..., i] == attributes[..., i]
+    right["object"] = object_correct(read, attributes)
+    captioned = torch.zeros(read.shape[:2], dtype=torch.bool)
+    captioned[torch.arange(len(read))[:, None].expand_as(cell)[present], cell[present]] = True
+    extra = (read[..., 0] >= 0) & ~captioned
+    result = {key: (value & present).sum().item() / n for key, value in right.items()}
+    ok = right["object"] | ~present
+    result["caption"] = (ok.all(1) & ~extra.any(1)).float().mean().item()
+    result["extra_per_image"] = extra.sum(1).float().mean().item()
+    result.update(objects=n, images=len(read))
+    if mistake == "extras ignored":
+        result["caption"] = ok.all(1).float().mean().item()
+    if mistake == "absent rows count":
+        result["caption"] = (right["object"].all(1) & ~extra.any(1)).float().mean().item()
+    if mistake == "divide by B * 3":
+        result["object"] = right["object"].sum().item() / present.numel()
+    if mistake == "empty cells skipped":
+        filled = right["place"] & present
+        result["colour"] = (right["colour"] & filled).sum().item() / filled.sum().item()
+    if mistake == "every occupied cell":
+        result["extra_per_image"] = (read[..., 0] >= 0).sum(1).float().mean().item()
+    if mistake == "tensor counts":
+        result["objects"] = present.sum()
+    return result
+
+
+STAGE07 = [
+    (s07.check_feature_statistics, feature_statistics, [
+        (lambda x: (x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0)) / len(x)), "biased covariance, divided by N"),
+        (lambda x: (x.mean(0), x.T @ x / (len(x) - 1)), "mean was not subtracted"),
+        (lambda x: (x.mean(0), torch.cov(x)), "torch.cov of features.T"),
+        (lambda x: metrics.feature_statistics(x)[1], "return a tuple"),
+        (lambda x: (x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0)) / (len(x) - 1)), "single sample.*ValueError"),
+    ]),
+    (s07.check_gaussian_frechet_distance, gaussian_fd, [
+        (fd_without_cross_term, "cross term .* is missing"),
+        (lambda *a: fd_without_cross_term(*a) - fd_parts(*a)[2], "needs its factor 2"),
+        (fd_without_outer_sqrt, "misses the outer square root"),
+        (fd_with_cov_not_its_root, "not S1 itself"),
+        (lambda *a: fd_parts(*a)[0].sqrt() + fd_parts(*a)[1] - 2 * fd_parts(*a)[2], "must be squared"),
+        (fd_elementwise_sqrt, "entry by entry"),
+        (fd_entrywise_root, "square root of each entry"),
+        (fd_trace_of_entrywise_sqrt, "not of its diagonal entries"),
+        (fd_unclamped, "against itself.*clamp eigenvalues to 0"),
+        (lambda mu1, cov1, mu2, cov2: metrics.gaussian_frechet_distance(mu1, cov1, mu2, cov2) * torch.ones(2),
+         "expected one number"),
+        (fd_without_width_check, "5-D and a 4-D.*raised RuntimeError; raise a ValueError"),
+    ]),
+    (s07.check_object_correct, object_correct, [
+        (object_correct_wraps, "last cell"),
+        (object_correct_by_slot, "looked up in cell k"),
+        (object_correct_without_size, "size was not compared"),
+        (lambda read, attributes: object_correct(read, attributes).long(), "bool tensor"),
+    ]),
+    (s07.check_caption_accuracy, caption_accuracy_variant, [
+        (lambda r, a: caption_accuracy_variant(r, a, "extras ignored"), "require no extra objects"),
+        (lambda r, a: caption_accuracy_variant(r, a, "absent rows count"), "cannot make a caption wrong"),
+        (lambda r, a: caption_accuracy_variant(r, a, "divide by B * 3"), "divide by the number of captioned"),
+        (lambda r, a: caption_accuracy_variant(r, a, "empty cells skipped"), "empty cell counts as a wrong colour"),
+        (lambda r, a: caption_accuracy_variant(r, a, "every occupied cell"), "counted every occupied cell"),
+        (lambda r, a: caption_accuracy_variant(r, a, "tensor counts"), "'objects' must be the int"),
+        (lambda r, a: {k: v for k, v in caption_accuracy_variant(r, a).items() if k != "caption"}, "missing"),
+    ]),
+]
+
+
+@pytest.mark.parametrize("checker, correct, wrong", STAGE07, ids=lambda x: getattr(x, "__name__", ""))
+def test_stage07_checker_accepts_correct_answers_and_rejects_wrong_ones(checker, correct, wrong, capsys):
+    test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
+
+
+def test_stage07_fd_checker_accepts_the_eigvals_of_s1_s2_route(capsys):
+    s07.check_gaussian_frechet_distance(fd_through_eigvals)
+    assert capsys.readouterr().out.startswith("PASS")
+
+
+def test_stage07_hand_made_caption_case_matches_its_closed_form():
+    """The checker's 4 hand-made images, scored by minildm.judge.caption_accuracy, give the counts by hand:
+    6 captioned objects, one read with a wrong colour, one missing; 1 of 4 captions right; 1 extra object."""
+    read, attributes, _ = s07._hand_case()
+    got = judge.caption_accuracy(read, attributes)
+    assert got == pytest.approx({"place": 5 / 6, "shape": 5 / 6, "colour": 4 / 6, "size": 5 / 6, "object": 4 / 6,
+                                 "caption": 1 / 4, "extra_per_image": 1 / 4, "objects": 6, "images": 4})
+
+
+def test_stage07_checkers_leave_the_global_random_state_alone():
+    torch.manual_seed(0)
+    for checker, correct, _ in STAGE07:
+        checker(correct)
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
