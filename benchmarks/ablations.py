@@ -45,6 +45,7 @@ DIFFUSION_VARIANTS = {  # name -> (TextConfig changes, UNetConfig changes, Train
     "mask_attn0": ({}, {"attention_levels": (0, 1, 2)}, {}),
     "mask_attn0_deep_text": ({"depth": 4}, {"attention_levels": (0, 1, 2)}, {}),
     "mask_attn0_lr": ({}, {"attention_levels": (0, 1, 2)}, {"lr": 5e-4}),
+    "mask_unit_token_init": ({}, {}, {}),  # token embeddings drawn from N(0, 1) (nn.Embedding's default)
 }
 
 
@@ -104,6 +105,17 @@ def cmd_diffusion(args) -> None:
     autoencoder = load_autoencoder(args.ae, device=rt.device).requires_grad_(False)
     shape = autoencoder.cfg.latent_shape
     text, unet, train = DIFFUSION_VARIANTS[args.variant]
+    if args.variant == "mask_unit_token_init":  # the encoder as it was before its embeddings shared one scale
+        from torch import nn
+
+        from minildm import text as text_module
+        original_init = text_module.TextEncoder.__init__
+
+        def unit_token_init(self, *a, **kw):
+            original_init(self, *a, **kw)
+            nn.init.normal_(self.token_emb.weight, std=1.0)
+
+        text_module.TextEncoder.__init__ = unit_token_init
     recipe = diffusion_recipe("latent", fast=rt.fast)
     recipe.text = dataclasses.replace(recipe.text, **text)
     recipe.unet = dataclasses.replace(recipe.unet, in_channels=shape[0], out_channels=shape[0], image_size=shape[1],

@@ -322,14 +322,16 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
                            batch_size: int = 256, seed: int = 0, keep_images: int = 0,
                            cuda_graph: bool | None = None) -> dict:
     """Sample one image for each of n held-out captions at every guidance scale and score them: caption accuracy
-    (the judge), Fréchet distance on the judge's features to n real held-out images, and the real-data floor
-    (FD between two disjoint sets of n real images) that every FD is divided by."""
+    (the judge), and Fréchet distance on the judge's features to a reference set of n other real held-out images,
+    next to the real-data floor: the FD between the real images of the sampled captions and that same reference.
+    The samples and the floor's real images share their captions (and so their layouts); the reference shares
+    none, so "FD / floor" compares like with like (1 = as close to real data as real data is)."""
     if n < 2:
         raise ValueError(f"asked for {n} samples; FD needs at least 2 (use n >= 256 for stable numbers)")
     size = judge.cfg.image_size
     real = held_out_batch(n, size, runtime.device)
-    real_features = judge.features(real["image"])
-    floor = frechet_distance(real_features, judge.features(held_out_batch(n, size, runtime.device, start=n)["image"]))
+    reference = judge.features(held_out_batch(n, size, runtime.device, start=n)["image"])
+    floor = frechet_distance(judge.features(real["image"]), reference)
     result = {"n": n, "fd_real_floor": floor, "by_guidance": {}}
     for scale in guidance_scales:
         images = torch.cat([
@@ -339,7 +341,7 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
         if tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"the pipeline draws {images.shape[-1]} px images but the judge reads {size} px")
         scores = caption_accuracy(judge.read(images), real["attributes"])
-        fd = frechet_distance(judge.features(images), real_features)
+        fd = frechet_distance(judge.features(images), reference)
         scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12))
         if keep_images:
             scores["images"] = images[:keep_images].cpu()

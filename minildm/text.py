@@ -193,7 +193,11 @@ class TextEncoder(nn.Module):
         if dim % heads:
             raise ValueError(f"TextEncoder: dim={dim} must be divisible by heads={heads}")
         self.vocab_size, self.max_length, self.pad_id = vocab_size, max_length, pad_id
+        # Token and position embeddings start at the same scale (std 0.02, as GPT-2). nn.Embedding's default
+        # N(0, 1) would be 50x larger than the positions: the encoder would start blind to word order, a bag of
+        # words that cannot tell "a red circle and a blue square" from "a blue circle and a red square".
         self.token_emb = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
         self.pos_emb = nn.Parameter(0.02 * torch.randn(max_length, dim))
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True,
