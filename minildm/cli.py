@@ -3,6 +3,7 @@
     minildm train               the whole pipeline on Shapes: autoencoder, then latent diffusion; writes
                                 reconstructions.png and samples.png (captioned)
     minildm sample              sample images for your own captions from a trained pipeline
+    minildm evaluate            score a trained pipeline: PSNR, caption accuracy (the Shapes judge), FD, KID
     minildm data                write a grid of a data set's images with their captions/labels
     minildm grade               autograde submitted exercises with nbgrader, print a score table
 """
@@ -42,10 +43,14 @@ def cmd_train(args) -> int:
         for old in out.glob("*.pt"):
             old.unlink()
 
+    if args.eval_n is None:
+        args.eval_n = 32 if rt.fast else 512
     # Stage 2: the autoencoder.
     recipe = autoencoder_recipe(regularizer=args.regularizer, f=args.f, fast=rt.fast)
     if args.steps is not None:
         recipe.train.steps = args.steps
+    if args.gan:
+        recipe.loss = dataclasses.replace(recipe.loss, disc_weight=0.5)
     ckpt = out / f"autoencoder_{args.regularizer}_f{args.f}.pt"
     others = sorted(p.name for p in out.glob("autoencoder_*.pt") if p.name != ckpt.name)
     if others:  # its diffusion_latent.pt was trained on that autoencoder's latents and must not be reused
@@ -84,23 +89,98 @@ def cmd_train(args) -> int:
     if rt.fast:
         title += "\n(fast mode: a tiny model trained for a few dozen steps; unset MINILDM_FAST on a GPU for real samples)"
     grid = save_grid(out / "samples.png", samples, nrow=4, captions=captions, title=title)
-    print(f"wrote {grid}; {time.perf_counter() - start:.0f} s in all")
+    print(f"wrote {grid}; {time.perf_counter() - start:.0f} s of training and sampling")
+    result = evaluate_run(out, rt, n=args.eval_n, guidance_scales=(args.guidance,))
+    print(format_evaluation(result))
+    print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
+    return 0
+
+
+def load_run(folder: Path, device):
+    """(autoencoder, denoiser, schedule, DiffusionConfig) of a `minildm train` folder, or a clear error."""
+    from minildm.pipeline import load_autoencoder, load_diffusion
+
+    ae_ckpts = sorted(folder.glob("autoencoder_*.pt"))
+    if not ae_ckpts or not (folder / "diffusion_latent.pt").exists():
+        raise FileNotFoundError(f"no trained pipeline in '{folder}': expected autoencoder_*.pt and "
+                                f"diffusion_latent.pt there; run `minildm train --out {folder}` first")
+    autoencoder = load_autoencoder(ae_ckpts[0], device=device)
+    return (autoencoder, *load_diffusion(folder / "diffusion_latent.pt", device=device))
+
+
+def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], judge_path: str | None = None,
+                 json_path: Path | None = None) -> dict:
+    """Stage 7 on a trained pipeline: the judge (loaded, or trained once per image size into the checkpoint
+    folder), reconstruction PSNR and caption accuracy, then caption accuracy, FD and KID of n samples per guidance
+    scale. Writes the result as JSON (default <folder>/evaluation.json) and returns it."""
+    import json
+
+    from minildm.config import checkpoint_dir
+    from minildm.judge import judge_for, load_judge
+    from minildm.metrics import kid
+    from minildm.pipeline import evaluate_autoencoder, evaluate_text_to_image, held_out_batch
+
+    if n < 2:
+        raise ValueError(f"asked to evaluate {n} samples; caption accuracy and FD need at least 2 (e.g. -n 512)")
+    autoencoder, denoiser, schedule, diffusion_cfg = load_run(folder, rt.device)
+    size = autoencoder.cfg.image_size
+    if judge_path is not None:
+        judge = load_judge(judge_path, rt.device, image_size=size)
+    else:
+        print(f"judge: {checkpoint_dir(rt.fast) / f'judge_{size}.pt'} (trained once when missing)")
+        judge = judge_for(size, rt, checkpoint_dir(rt.fast))
+    result = {"run": str(folder), "device": rt.describe(), "first_stage": evaluate_autoencoder(autoencoder, judge, rt,
+                                                                                                n=n)}
+    samples = evaluate_text_to_image(denoiser, schedule, autoencoder.cfg.latent_shape, rt, judge, autoencoder, n=n,
+                                     guidance_scales=guidance_scales, prediction=diffusion_cfg.prediction,
+                                     keep_images=n)
+    reference = judge.features(held_out_batch(n, size, rt.device, start=n)["image"])
+    for scores in samples["by_guidance"].values():
+        features = judge.features(scores.pop("images").to(rt.device))
+        scores.pop("read")
+        scores["kid"], scores["kid_std"] = kid(features, reference, subsets=50, subset_size=min(n, 256))
+    result["text_to_image"] = {k: v for k, v in samples.items() if k not in ("captions", "attributes")}
+    path = json_path or folder / "evaluation.json"
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_evaluation(result: dict) -> str:
+    """The evaluation as a text table; every line names its number of samples and guidance scale."""
+    first, t2i = result["first_stage"], result["text_to_image"]
+    recon, real = first["judge_on_reconstructions"], first["judge_on_real"]
+    lines = [(f"first stage, {first['n']} held-out images: PSNR {first['psnr']:.2f} dB; judge, objects right: "
+             f"{100 * recon['object']:.1f}% of reconstructions, {100 * real['object']:.1f}% of the real images"),
+             (f"text to image, {t2i['n']} held-out captions (DDPM, 1 sample each); FD on the judge's features, "
+             f"real-data floor {t2i['fd_real_floor']:.2f}:"),
+             "  guidance | place  shape  colour  size | objects  captions | extra/img |    FD  FD/floor | KID",
+             ]
+    for scale, r in t2i["by_guidance"].items():
+        lines.append(f"  {float(scale):8.1f} | {100 * r['place']:5.1f}  {100 * r['shape']:5.1f}  {100 * r['colour']:6.1f}"
+                     f"  {100 * r['size']:4.1f} | {100 * r['object']:6.1f}%  {100 * r['caption']:7.1f}% | "
+                     f"{r['extra_per_image']:9.2f} | {r['fd']:5.2f}  {r['fd_ratio']:8.2f} | "
+                     f"{r['kid']:.4f} +- {r['kid_std']:.4f}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args) -> int:
+    from minildm.device import setup
+
+    rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
+    result = evaluate_run(Path(args.run), rt, n=args.n, guidance_scales=tuple(args.guidance), judge_path=args.judge,
+                          json_path=Path(args.json) if args.json else None)
+    print(format_evaluation(result))
+    print(f"wrote {args.json or Path(args.run) / 'evaluation.json'}")
     return 0
 
 
 def cmd_sample(args) -> int:
     from minildm.device import setup
-    from minildm.pipeline import generate, load_autoencoder, load_diffusion
+    from minildm.pipeline import generate
     from minildm.viz import save_grid
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
-    folder = Path(args.run)
-    ae_ckpts = sorted(folder.glob("autoencoder_*.pt"))
-    if not ae_ckpts or not (folder / "diffusion_latent.pt").exists():
-        raise FileNotFoundError(f"no trained pipeline in '{folder}': expected autoencoder_*.pt and "
-                                f"diffusion_latent.pt there; run `minildm train --out {folder}` first")
-    autoencoder = load_autoencoder(ae_ckpts[0], device=rt.device)
-    denoiser, schedule, diffusion_cfg = load_diffusion(folder / "diffusion_latent.pt", device=rt.device)
+    autoencoder, denoiser, schedule, diffusion_cfg = load_run(Path(args.run), rt.device)
     captions = [c for c in args.caption for _ in range(args.n)]
     images = generate(denoiser, captions, schedule, autoencoder.cfg.latent_shape, rt,
                       prediction=diffusion_cfg.prediction, guidance_scale=args.guidance, autoencoder=autoencoder,
@@ -161,7 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["autoencoder", "all"], default="all",
                    help="stop after the autoencoder, or train everything (default)")
     p.add_argument("--fresh", action="store_true", help="delete existing checkpoints in --out and start over")
+    p.add_argument("--gan", action="store_true",
+                   help="add the PatchGAN term to the autoencoder's loss (off by default: on Shapes it costs fidelity)")
+    p.add_argument("--eval-n", type=int, default=None,
+                   help="held-out captions sampled for the final evaluation (default: 512, 32 in fast mode)")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the samples and the evaluation")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a trained pipeline: PSNR, caption accuracy, FD and KID",
+                       description="Evaluate the pipeline `minildm train` wrote in RUN: held-out reconstruction PSNR "
+                       "and how often the Shapes judge (a classifier the course trains; trained once per image size "
+                       "when missing) reads the captioned objects in reconstructions and in samples for held-out "
+                       "captions, per guidance scale, with FD and KID on the judge's features. Prints a table and "
+                       "writes JSON.")
+    _add_common(p)
+    p.add_argument("run", help="folder written by `minildm train` (e.g. runs/default)")
+    p.add_argument("-n", type=int, default=512, help="held-out captions (one sample each) and images (default: 512)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0],
+                   help="classifier-free guidance scales to evaluate (default: 1 3 5)")
+    p.add_argument("--judge", default=None, help="a judge checkpoint to use instead of the cached one")
+    p.add_argument("--json", default=None, help="where to write the results (default: RUN/evaluation.json)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample images for your own captions from a trained pipeline",
                        description="Load the checkpoints `minildm train` wrote and sample images for captions.")

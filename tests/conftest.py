@@ -11,3 +11,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def course_home(tmp_path_factory):
+    """A project folder of its own for tests that write checkpoints (e.g. the judge that `minildm evaluate` trains
+    once per image size), so they never touch the checkout's checkpoints/ and share the judge across tests."""
+    home = tmp_path_factory.mktemp("course_home")
+    (home / "checkpoints").mkdir()
+    return home

@@ -1,6 +1,7 @@
 """The stages wired together (fast configs): train, save, load back, generate; the CLI's errors."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -133,13 +134,19 @@ def test_cuda_graph_refuses_inputs_of_another_shape():
         double(torch.ones(5, device="cuda"))
 
 
-def test_cli_train_writes_both_grids_and_resumes_without_retraining(tmp_path, monkeypatch, capsys):
+def test_cli_train_writes_both_grids_and_resumes_without_retraining(tmp_path, monkeypatch, capsys, course_home):
     monkeypatch.setenv("MINILDM_FAST", "1")
+    monkeypatch.setenv("MINILDM_HOME", str(course_home))
     args = ["train", "--fast", "--device", "cpu", "--out", str(tmp_path), "--steps", "4"]
     assert main(args) == 0
     assert (tmp_path / "reconstructions.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
     first = capsys.readouterr().out
     assert "s in all" in first
+    assert "first stage, 32 held-out images: PSNR" in first and "text to image, 32 held-out captions" in first
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert set(result["text_to_image"]["by_guidance"]) == {"3.0"}
+    scores = result["text_to_image"]["by_guidance"]["3.0"]
+    assert scores["objects"] >= 32 and 0 <= scores["object"] <= 1 and scores["fd"] >= 0
     names = {p.name for p in tmp_path.glob("*.pt")}
     assert names == {"autoencoder_kl_f4.pt", "diffusion_latent.pt"}
     assert main(args) == 0  # finished checkpoints are loaded, not trained further
@@ -152,3 +159,48 @@ def test_cli_train_refuses_to_mix_pipelines_in_one_folder(tmp_path, capsys):
     (tmp_path / "autoencoder_vq_f4.pt").write_bytes(b"")
     assert main(["train", "--fast", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "holds a pipeline built on autoencoder_vq_f4.pt" in capsys.readouterr().err
+
+
+def test_cli_evaluate_scores_a_run_and_refuses_bad_input(trained, tmp_path, monkeypatch, capsys, course_home):
+    monkeypatch.setenv("MINILDM_HOME", str(course_home))
+    folder, *_ = trained
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["evaluate", str(run), "--fast", "--device", "cpu"]) == 2  # nothing trained there yet
+    assert "no trained pipeline in" in capsys.readouterr().err
+    (run / "autoencoder_kl_f4.pt").write_bytes((folder / "ae.pt").read_bytes())
+    (run / "diffusion_latent.pt").write_bytes((folder / "ldm.pt").read_bytes())
+    assert main(["evaluate", str(run), "--fast", "--device", "cpu", "-n", "0"]) == 2
+    assert "asked to evaluate 0 samples" in capsys.readouterr().err
+    args = ["evaluate", str(run), "--fast", "--device", "cpu", "-n", "8", "--guidance", "1", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "text to image, 8 held-out captions" in out and "     4.0 |" in out
+    result = json.loads((run / "evaluation.json").read_text())
+    assert set(result["text_to_image"]["by_guidance"]) == {"1.0", "4.0"}
+    judge = course_home / "checkpoints" / "fast" / "judge_32.pt"
+    assert judge.exists()  # trained once, reused by the next evaluation
+    other = tmp_path / "judge_64.pt"
+    from minildm.judge import JudgeConfig, train_judge
+    from minildm.train import TrainConfig
+    train_judge(JudgeConfig(image_size=64, channels=8), TrainConfig(steps=1, batch_size=2), CPU, other, progress=False)
+    assert main(["evaluate", str(run), "--fast", "--device", "cpu", "-n", "8", "--judge", str(other)]) == 2
+    assert "judge for 64x64 images, but the images to judge are 32x32" in capsys.readouterr().err
+
+
+def test_denoiser_cross_attention_ignores_padding(trained):
+    """With mask_padding the denoiser's output does not depend on how much padding follows the caption: the same
+    caption encoded to 32 tokens or to just its own gives the same prediction."""
+    *_, denoiser, _schedule = trained
+    assert denoiser.text_cfg.mask_padding
+    caption = "a big red circle at the center"
+    ids = denoiser.tokenize([caption])
+    short = ids[:, : int((ids != 0).sum())]
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500 if denoiser.unet.cfg.num_timesteps > 500 else 50])
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, t, ids), denoiser(x, t, short), atol=1e-5, rtol=1e-4)
+        denoiser.text_cfg.mask_padding = False
+        try:
+            assert not torch.allclose(denoiser(x, t, ids), denoiser(x, t, short), atol=1e-5)
+        finally:
+            denoiser.text_cfg.mask_padding = True

@@ -186,3 +186,17 @@ def test_text_encoder_errors(tok):
         enc(torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"dim=10 must be divisible by heads=4"):
         TextEncoder(tok.vocab_size, dim=10, heads=4)
+
+
+def test_fresh_encoder_is_not_a_bag_of_words(tok):
+    """Swapping which object is red and which is blue must change the feature of the position words at
+    initialisation already: with token embeddings 50x larger than the positional ones (nn.Embedding's N(0, 1)
+    default) each feature was its own word's embedding to 0.1%, and the UNet could not bind a colour to a place."""
+    torch.manual_seed(0)
+    enc = TextEncoder(tok.vocab_size, dim=64, depth=2, heads=4, max_length=16)
+    a = enc(tok.encode("a red circle at the left and a blue square at the right", 16))[0]
+    b = enc(tok.encode("a blue circle at the left and a red square at the right", 16))[0]
+    for i, word in ((6, "left"), (13, "right"), (3, "circle")):
+        assert tok.tokens("a red circle at the left and a blue square at the right")[i] == word
+        change = ((a[i] - b[i]).norm() / a[i].norm()).item()
+        assert change > 0.03, f"feature of {word!r} changed by {change:.4f} only"
