@@ -87,7 +87,7 @@ def test_judge_refuses_another_image_size(tmp_path):
     judge = ShapesJudge(JudgeConfig(image_size=32, channels=8))
     with pytest.raises(ValueError, match="trained on 32x32 images but got 64x64"):
         judge(torch.zeros(1, 3, 64, 64))
-    cfg, train_cfg = judge_recipe(32, fast=True)
+    _, train_cfg = judge_recipe(32, fast=True)
     train_cfg.steps = 1
     train_judge(JudgeConfig(image_size=32, channels=8), train_cfg, CPU, tmp_path / "judge.pt", progress=False)
     with pytest.raises(CheckpointError, match="judge for 32x32 images, but the images to judge are 64x64"):
