@@ -261,4 +261,4 @@ def confusion(read: Tensor, attributes: Tensor, attribute: str) -> Tensor:
     seen = torch.gather(read, 1, attributes[..., 3].clamp(min=0)[..., None].expand(-1, -1, 3))[..., i]
     truth, got = attributes[..., i][present], seen[present]
     got = torch.where(got < 0, torch.full_like(got, n), got)
-    return torch.bincount(truth * (n + 1) + got, minlength=(n + 1) ** 2).view(n + 1, n + 1)[:n + 1].cpu()
+    return torch.bincount(truth * (n + 1) + got, minlength=(n + 1) ** 2).view(n + 1, n + 1).cpu()
