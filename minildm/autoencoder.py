@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from minildm.layers import Downsample, Upsample, count_parameters, group_norm  # noqa: F401 (re-exported)
+
 SUPPORTED_FACTORS = (1, 2, 4, 8)
 
 
@@ -96,9 +98,8 @@ class AutoencoderConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups as in LDM, fewer when the channel count is small (gcd keeps it valid)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+def norm(channels: int) -> nn.GroupNorm:
+    return group_norm(channels, eps=1e-6)  # LDM's autoencoder normalises with eps = 1e-6
 
 
 class ResBlock(nn.Module):
@@ -106,9 +107,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -123,7 +124,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)  # q, k, v from one 1x1 conv
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -132,28 +133,6 @@ class AttentionBlock(nn.Module):
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b (h w) c", three=3)
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, (B, HW, C)
         return x + self.proj(rearrange(out, "b (h w) c -> b c h w", h=h, w=w))
-
-
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def middle_block(channels: int, attention: bool) -> nn.Sequential:
@@ -182,7 +161,7 @@ class Encoder(nn.Module):
                 layers.append(Downsample(ch))
         self.down = nn.Sequential(*layers)
         self.mid = middle_block(ch, cfg.mid_attention)
-        self.norm_out = group_norm(ch)
+        self.norm_out = norm(ch)
         out_channels = 2 * cfg.latent_channels if cfg.regularizer == "kl" else cfg.latent_channels
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
@@ -213,7 +192,7 @@ class Decoder(nn.Module):
             if level > 0:
                 layers.append(Upsample(ch))
         self.up = nn.Sequential(*layers)
-        self.norm_out = group_norm(ch)
+        self.norm_out = norm(ch)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -520,8 +499,3 @@ class Autoencoder(nn.Module):
         if self.cfg.regularizer == "vq":
             z = self.quantizer.lookup(z)[0]
         return self.decoder(z)  # z was checked above
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (only those with requires_grad if trainable_only)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minildm.autoencoder import AutoencoderOutput, autocast_off
+from minildm.layers import group_norm
 
 # --------------------------------------------------------------------------------------------------
 # Perceptual loss with a random-weight feature network
@@ -117,11 +118,11 @@ class PatchDiscriminator(nn.Module):
         ch = channels
         for i in range(1, num_layers):
             out = channels * min(2**i, 8)
-            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(32, out), out),
+            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), group_norm(out),
                        nn.LeakyReLU(0.2)]
             ch = out
         out = channels * min(2**num_layers, 8)
-        layers += [nn.Conv2d(ch, out, 3, padding=1), nn.GroupNorm(math.gcd(32, out), out), nn.LeakyReLU(0.2),
+        layers += [nn.Conv2d(ch, out, 3, padding=1), group_norm(out), nn.LeakyReLU(0.2),
                    nn.Conv2d(out, 1, 3, padding=1)]
         self.net = nn.Sequential(*layers)
         for m in self.modules():

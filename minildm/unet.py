@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from minildm.autoencoder import Downsample, Upsample
+from minildm.layers import Downsample, Upsample, group_norm, parameter_counts, zero_init  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # 1. Timestep embedding
@@ -52,20 +52,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 # --------------------------------------------------------------------------------------------------
 # 2. Residual block with scale-shift time conditioning
 # --------------------------------------------------------------------------------------------------
-
-
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm (Wu & He 2018) with 32 groups, or the largest count below that dividing `channels`."""
-    groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
-
-
-def zero_init(module: nn.Module) -> nn.Module:
-    """Zero the weights (and bias) of a layer, so that a residual branch starts as the identity map."""
-    nn.init.zeros_(module.weight)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-    return module
 
 
 class ResBlock(nn.Module):
@@ -234,7 +220,7 @@ class SpatialTransformer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-# Downsample (stride-2 conv) and Upsample (nearest x2 + conv) are the autoencoder's (autoencoder.py).
+# Downsample (stride-2 conv) and Upsample (nearest x2 + conv) come from minildm/layers.py, as in the autoencoder.
 
 
 class Stage(nn.Sequential):
@@ -435,10 +421,3 @@ class UNet(nn.Module):
         if context.shape[0] != b:
             raise ValueError(f"context has batch size {context.shape[0]} but x has {b}; give one context "
                              "sequence per image (e.g. context.expand(B, -1, -1))")
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Number of parameters in each top-level block of `model`, plus "total"."""
-    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    return counts
