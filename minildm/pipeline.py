@@ -95,17 +95,26 @@ def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: st
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
     trainer.fit(shapes_batch_fn(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
     autoencoder = task.autoencoder
-    if "scale_factor" not in trainer.extra:  # computed once, for the EMA weights, and saved with the checkpoint
+    if "scale_factor" not in trainer.extra:  # computed once after training, for the EMA weights
         batch_at = shapes_batch_fn(recipe.data, 64, runtime.device)
         batches = (batch_at(i)["image"] for i in range(8))
         autoencoder.eval()
         with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():
-            trainer.extra = {"scale_factor": autoencoder.compute_scale_factor(batches)}
+            scale = autoencoder.compute_scale_factor(batches)
+        set_scale_factor(autoencoder, trainer.ema, scale)
+        trainer.extra = {"scale_factor": scale}  # marks it as computed for these weights (Trainer.fit clears it)
         trainer.save()  # the raw weights stay in "model" (to resume from), the averaged ones in "ema"
     if trainer.ema is not None:
-        trainer.ema.copy_to(autoencoder)  # publish the averaged weights
-    autoencoder.scale_factor.fill_(trainer.extra["scale_factor"])
+        trainer.ema.copy_to(autoencoder)  # publish the averaged weights (the scale factor is one of their buffers)
     return autoencoder.eval(), trainer.history
+
+
+def set_scale_factor(autoencoder: Autoencoder, ema: EMA | None, value: float) -> None:
+    """Write the latent scale factor into the autoencoder's buffer and into its EMA copy, so that it is saved
+    with both sets of weights in the checkpoint."""
+    autoencoder.scale_factor.fill_(value)
+    if ema is not None:
+        ema.buffers["scale_factor"].fill_(value)
 
 
 def use_ema_weights(module: nn.Module, ema_state: dict) -> None:
@@ -116,15 +125,19 @@ def use_ema_weights(module: nn.Module, ema_state: dict) -> None:
 
 
 def load_autoencoder(path: str | Path, device="cpu", use_ema: bool = True) -> Autoencoder:
-    """Rebuild a trained autoencoder from its checkpoint (EMA weights and latent scale factor)."""
+    """Rebuild a trained autoencoder from its checkpoint: its EMA weights, with the latent scale factor among their
+    buffers. Checkpoints from before the scale factor was saved with the weights kept it in "extra" only: it is
+    taken from there (converted), never left at 1.0."""
     state = load_checkpoint(path, kind="autoencoder", map_location=device)
-    autoencoder = Autoencoder(AutoencoderConfig(**state["config"]["model"])).to(device)
-    prefix = "autoencoder."
-    autoencoder.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    task = AutoencoderTask(AutoencoderConfig(**state["config"]["model"]),
+                           AutoencoderLossConfig(**state["config"]["loss"]))
+    task.load_state_dict(state["model"])
+    autoencoder = task.autoencoder.to(device)
     if use_ema and state.get("ema"):
         use_ema_weights(autoencoder, state["ema"])
-    if (state.get("extra") or {}).get("scale_factor") is not None:
-        autoencoder.scale_factor.fill_(state["extra"]["scale_factor"])
+    saved = (state.get("extra") or {}).get("scale_factor")
+    if saved is not None and autoencoder.scale_factor.item() == 1.0:  # an old checkpoint
+        autoencoder.scale_factor.fill_(saved)
     return autoencoder.eval()
 
 

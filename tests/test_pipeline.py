@@ -45,6 +45,19 @@ def test_autoencoder_checkpoint_loads_back_with_ema_weights_and_scale_factor(tra
         torch.testing.assert_close(loaded.encode_latents(x), ae.encode_latents(x))
 
 
+def test_scale_factor_is_saved_with_the_weights_and_old_checkpoints_are_converted(trained, tmp_path):
+    folder, _recipe, ae, *_ = trained
+    state = torch.load(folder / "ae.pt", weights_only=True)
+    scale = ae.scale_factor.item()
+    assert state["model"]["autoencoder.scale_factor"].item() == pytest.approx(scale)
+    assert state["ema"]["buffers"]["scale_factor"].item() == pytest.approx(scale)
+    # A checkpoint from before: the buffers hold 1.0 and the value lives in "extra" only.
+    state["model"]["autoencoder.scale_factor"].fill_(1.0)
+    state["ema"]["buffers"]["scale_factor"].fill_(1.0)
+    torch.save(state, tmp_path / "old.pt")
+    assert load_autoencoder(tmp_path / "old.pt").scale_factor.item() == pytest.approx(scale)
+
+
 def test_latent_batches_are_scaled_latents_with_captions(trained):
     _, _recipe, ae, ldm, *_ = trained
     batch = diffusion_batch_fn(ldm.data, 8, CPU, ae)(0)
