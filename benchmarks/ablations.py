@@ -116,10 +116,9 @@ def cmd_diffusion(args) -> None:
             nn.init.normal_(self.token_emb.weight, std=1.0)
 
         text_module.TextEncoder.__init__ = unit_token_init
-    recipe = diffusion_recipe("latent", fast=rt.fast)
+    recipe = diffusion_recipe("latent", fast=rt.fast, latent_shape=shape)
     recipe.text = dataclasses.replace(recipe.text, **text)
-    recipe.unet = dataclasses.replace(recipe.unet, in_channels=shape[0], out_channels=shape[0], image_size=shape[1],
-                                      **unet)
+    recipe.unet = dataclasses.replace(recipe.unet, **unet)
     recipe.train = dataclasses.replace(recipe.train, **train)
     if args.seconds:
         recipe.train.max_seconds = args.seconds

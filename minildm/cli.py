@@ -77,8 +77,7 @@ def cmd_train(args) -> int:
     # Stages 3-6: text-conditioned latent diffusion on the autoencoder's latents.
     autoencoder.requires_grad_(False)
     shape = autoencoder.cfg.latent_shape  # (c, H/f, W/f)
-    ldm = diffusion_recipe("latent", fast=rt.fast)
-    ldm.unet = dataclasses.replace(ldm.unet, in_channels=shape[0], out_channels=shape[0], image_size=shape[1])
+    ldm = diffusion_recipe("latent", fast=rt.fast, latent_shape=shape)
     ckpt = out / "diffusion_latent.pt"
     print(f"[2/2] latent diffusion on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder)

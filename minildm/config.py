@@ -14,8 +14,10 @@ from pathlib import Path
 from minildm.autoencoder import AutoencoderConfig
 from minildm.data.shapes import ShapesConfig
 from minildm.device import fast_mode
+from minildm.diffusion import DiffusionConfig
 from minildm.judge import JudgeConfig
 from minildm.losses import AutoencoderLossConfig
+from minildm.text import TextConfig
 from minildm.train import TrainConfig
 from minildm.unet import UNetConfig
 
@@ -67,33 +69,6 @@ def autoencoder_recipe(regularizer: str = "kl", f: int = 4, fast: bool | None = 
 
 
 @dataclass
-class TextConfig:
-    """The caption encoder trained jointly with the UNet (no pretrained weights)."""
-
-    dim: int = 256
-    depth: int = 2
-    heads: int = 4
-    max_length: int = 32  # tokens, <bos> and <eos> included; the longest Shapes caption needs 29
-    mask_padding: bool = True  # the UNet's cross-attention ignores <pad> tokens
-
-
-@dataclass
-class DiffusionConfig:
-    """How the denoiser is trained and sampled."""
-
-    space: str = "latent"  # "latent" (LDM) or "pixel" (the baseline)
-    schedule: str = "scaled_linear"
-    num_timesteps: int = 1000
-    prediction: str = "eps"  # "eps", "x0" or "v"
-    weighting: str | None = None  # None (LDM eq. 1) or "min_snr"
-    caption_drop: float = 0.1  # probability of training on the empty caption (for classifier-free guidance)
-
-    def __post_init__(self):
-        if self.space not in ("latent", "pixel"):
-            raise ValueError(f"space must be 'latent' or 'pixel', got {self.space!r}")
-
-
-@dataclass
 class DiffusionRecipe:
     unet: UNetConfig
     text: TextConfig
@@ -102,15 +77,20 @@ class DiffusionRecipe:
     data: ShapesConfig
 
 
-def diffusion_recipe(space: str = "latent", fast: bool | None = None) -> DiffusionRecipe:
+def diffusion_recipe(space: str = "latent", fast: bool | None = None,
+                     latent_shape: tuple[int, int, int] | None = None) -> DiffusionRecipe:
     """Text-conditioned diffusion on Shapes with the same UNet in both spaces (only its input channels differ).
-    latent: on the 4x16x16 latents of the f=4 KL autoencoder (scaled-linear schedule, as LDM);
+    latent: on the latents of the first stage, `latent_shape` = (c, h, w) (default: the 4x16x16 latents of the f=4
+    KL autoencoder; pass `autoencoder.cfg.latent_shape` for another one), scaled-linear schedule, as LDM;
     pixel: on 3x64x64 images (linear schedule, as DDPM). Full mode trains latent diffusion for 5 minutes
     (autoencoder + latent diffusion stay under 10 minutes on one GPU) and pixel diffusion for 3.
     Fast: 32 px, tiny widths, T=100."""
     fast = _fast(fast)
     size = 32 if fast else 64
-    channels, resolution = (4, size // 4) if space == "latent" else (3, size)
+    if space == "latent":
+        channels, resolution = latent_shape[:2] if latent_shape is not None else (4, size // 4)
+    else:
+        channels, resolution = 3, size
     text = TextConfig(dim=64, depth=1) if fast else TextConfig(dim=256, depth=2)
     if fast:
         unet = UNetConfig(in_channels=channels, image_size=resolution, base_channels=32, channel_mult=(1, 2),

@@ -17,12 +17,31 @@ optionally weighted per timestep with min-SNR-gamma (Hang et al. 2023).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from minildm.schedules import NoiseSchedule
 
 PREDICTIONS = ("eps", "x0", "v")
 WEIGHTINGS = (None, "min_snr")
+
+
+@dataclass
+class DiffusionConfig:
+    """How the denoiser is trained and sampled."""
+
+    space: str = "latent"  # "latent" (LDM) or "pixel" (the baseline)
+    schedule: str = "scaled_linear"
+    num_timesteps: int = 1000
+    prediction: str = "eps"  # "eps", "x0" or "v"
+    weighting: str | None = None  # None (LDM eq. 1) or "min_snr"
+    caption_drop: float = 0.1  # probability of training on the empty caption (for classifier-free guidance)
+
+    def __post_init__(self):
+        if self.space not in ("latent", "pixel"):
+            raise ValueError(f"space must be 'latent' or 'pixel', got {self.space!r}")
+
 
 
 def check_prediction(prediction: str) -> None:

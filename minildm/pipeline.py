@@ -15,19 +15,20 @@ from torch import nn
 
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.checkpoint import load_checkpoint
-from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionConfig, DiffusionRecipe, TextConfig
+from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionRecipe
 from minildm.data.shapes import ShapesConfig, ShapesDataset, vocabulary
+from minildm.denoiser import Denoiser
 from minildm.device import Runtime, cuda_graphed
-from minildm.diffusion import diffusion_loss
+from minildm.diffusion import DiffusionConfig, diffusion_loss
 from minildm.ema import EMA
 from minildm.judge import ShapesJudge, caption_accuracy
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import frechet_distance, psnr
 from minildm.samplers import ddpm_sample
 from minildm.schedules import NoiseSchedule
-from minildm.text import TextEncoder, WordTokenizer, drop_captions
+from minildm.text import TextConfig, WordTokenizer, drop_captions
 from minildm.train import Trainer
-from minildm.unet import UNet, UNetConfig
+from minildm.unet import UNetConfig
 
 
 class AutoencoderTask(nn.Module):
@@ -144,39 +145,6 @@ def load_autoencoder(path: str | Path, device="cpu", use_ema: bool = True) -> Au
 # ==================================================================================================
 # Stages 3-6: text-conditioned diffusion, in pixel space or on the autoencoder's latents
 # ==================================================================================================
-
-
-class Denoiser(nn.Module):
-    """The trained part of text-to-image diffusion: caption encoder tau_theta + UNet eps_theta.
-
-    Its condition is a caption's token ids (B, L) (`tokenize`), encoded inside `forward`, so a sampler treats
-    them like any other context tensor and the padding mask travels with them: with `text_cfg.mask_padding`
-    the UNet's cross-attention reads only the real tokens (<bos>, the words, <eos>), never the padding.
-    """
-
-    def __init__(self, unet_cfg: UNetConfig, text_cfg: TextConfig, tokenizer: WordTokenizer):
-        super().__init__()
-        if unet_cfg.context_dim != text_cfg.dim:
-            raise ValueError(f"the UNet's context_dim ({unet_cfg.context_dim}) must equal the text encoder's "
-                             f"dim ({text_cfg.dim})")
-        self.tokenizer, self.text_cfg = tokenizer, text_cfg
-        self.text_encoder = TextEncoder(tokenizer.vocab_size, text_cfg.dim, text_cfg.depth, text_cfg.heads,
-                                        text_cfg.max_length)
-        self.unet = UNet(unet_cfg)
-
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> token ids (B, max_length) on the model's device."""
-        ids = self.tokenizer.encode(captions, self.text_cfg.max_length, truncate=True)
-        return ids.to(self.unet.conv_in.weight.device)
-
-    def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids (B, L) -> (context (B, L, dim), mask (B, L), True at real tokens; None without masking)."""
-        mask = ids != self.text_encoder.pad_id if self.text_cfg.mask_padding else None
-        return self.text_encoder(ids), mask
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        context, mask = self.encode_text(ids)
-        return self.unet(x_t, t, context, mask)
 
 
 class DiffusionTask(nn.Module):

@@ -19,9 +19,24 @@ Data flows one way: this module does not import `minildm.unet`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass
+class TextConfig:
+    """The caption encoder trained jointly with the UNet (no pretrained weights): `TextEncoder` and how the
+    `Denoiser` (denoiser.py) uses its features."""
+
+    dim: int = 256
+    depth: int = 2
+    heads: int = 4
+    max_length: int = 32  # tokens, <bos> and <eos> included; the longest Shapes caption needs 29
+    mask_padding: bool = True  # the UNet's cross-attention ignores <pad> tokens
+
+
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(len(SPECIAL_TOKENS))

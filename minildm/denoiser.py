@@ -1,0 +1,46 @@
+"""The denoiser of text-to-image latent diffusion: eps_theta(z_t, t, tau_theta(y)) (Rombach et al. 2022, Sec. 3.3).
+
+The caption encoder tau_theta (text.py) and the UNet (unet.py), trained together as one model. Its condition is
+a caption's token ids, so samplers treat it like any other context tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minildm.text import TextConfig, TextEncoder, WordTokenizer
+from minildm.unet import UNet, UNetConfig
+
+
+class Denoiser(nn.Module):
+    """The trained part of text-to-image diffusion: caption encoder tau_theta + UNet eps_theta.
+
+    Its condition is a caption's token ids (B, L) (`tokenize`), encoded inside `forward`, so a sampler treats
+    them like any other context tensor and the padding mask travels with them: with `text_cfg.mask_padding`
+    the UNet's cross-attention reads only the real tokens (<bos>, the words, <eos>), never the padding.
+    """
+
+    def __init__(self, unet_cfg: UNetConfig, text_cfg: TextConfig, tokenizer: WordTokenizer):
+        super().__init__()
+        if unet_cfg.context_dim != text_cfg.dim:
+            raise ValueError(f"the UNet's context_dim ({unet_cfg.context_dim}) must equal the text encoder's "
+                             f"dim ({text_cfg.dim})")
+        self.tokenizer, self.text_cfg = tokenizer, text_cfg
+        self.text_encoder = TextEncoder(tokenizer.vocab_size, text_cfg.dim, text_cfg.depth, text_cfg.heads,
+                                        text_cfg.max_length)
+        self.unet = UNet(unet_cfg)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> token ids (B, max_length) on the model's device."""
+        ids = self.tokenizer.encode(captions, self.text_cfg.max_length, truncate=True)
+        return ids.to(self.unet.conv_in.weight.device)
+
+    def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, L) -> (context (B, L, dim), mask (B, L), True at real tokens; None without masking)."""
+        mask = ids != self.text_encoder.pad_id if self.text_cfg.mask_padding else None
+        return self.text_encoder(ids), mask
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        context, mask = self.encode_text(ids)
+        return self.unet(x_t, t, context, mask)
