@@ -1,9 +1,9 @@
 """minildm: latent diffusion from scratch, one stage per notebook.
 
 Stages (one module each, data flowing one way):
-data -> autoencoder -> schedules / unet / text / diffusion -> samplers -> metrics,
-with the trainer (train.py), checkpoints (checkpoint.py), device handling (device.py), presets
-(config.py) and the stages wired together (pipeline.py) beside them.
+data -> autoencoder -> schedules / unet / text / denoiser / diffusion -> samplers -> judge / metrics,
+with the shared layers (layers.py), the trainer (train.py), checkpoints (checkpoint.py), device handling
+(device.py), presets (config.py) and the stages wired together (pipeline.py) beside them.
 
 The names a notebook needs most:
 """
@@ -12,7 +12,10 @@ from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.config import autoencoder_recipe, checkpoint_dir, diffusion_recipe
 from minildm.data import ShapesConfig, ShapesDataset, load_dataset
 from minildm.device import fast_mode, setup
+from minildm.judge import caption_accuracy, judge_for
 from minildm.pipeline import (
+    evaluate_autoencoder,
+    evaluate_text_to_image,
     generate,
     load_autoencoder,
     load_diffusion,
@@ -33,10 +36,14 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "autoencoder_recipe",
+    "caption_accuracy",
     "checkpoint_dir",
     "diffusion_recipe",
+    "evaluate_autoencoder",
+    "evaluate_text_to_image",
     "fast_mode",
     "generate",
+    "judge_for",
     "load_autoencoder",
     "load_dataset",
     "load_diffusion",
