@@ -208,7 +208,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from minildm.grade import autograde, report, scores
+    from minildm.grade import grade
 
     course = Path(args.course).resolve()
     if not (course / "nbgrader_config.py").is_file():
@@ -217,10 +217,22 @@ def cmd_grade(args) -> int:
     if not (course / "solutions" / args.assignment).is_dir():
         known = sorted(p.name for p in (course / "solutions").iterdir() if p.is_dir())
         raise ValueError(f"unknown assignment {args.assignment!r}; known: {', '.join(known)}")
-    print(f"autograding {args.assignment} (nbgrader; about 2 s per notebook) ...", flush=True)
-    autograde(args.assignment, course, timeout=args.timeout)
-    print(report(scores(args.assignment, course)))
-    return 0
+    print(f"autograding {args.assignment} with nbgrader (a few seconds per notebook; a cell may run "
+          f"{args.timeout} s) ...", flush=True)
+    report = grade(args.assignment, course, timeout=args.timeout, progress=lambda line: print(line, flush=True))
+    notes = report.notes()
+    if notes:
+        print("notes:\n" + "\n".join(f"  {note}" for note in notes))
+    for path, write in ((args.csv, report.write_csv), (args.json, report.write_json)):
+        if path:
+            print(f"wrote {write(path)}")
+    graded = sum(nb.graded for s in report.students for nb in s.notebooks)
+    total = sum(len(s.notebooks) for s in report.students)
+    print(f"graded {graded} of {total} notebooks of {len(report.students)} students in {report.seconds:.1f} s")
+    print(report.table(), flush=True)
+    for failure in report.failures:
+        print(f"minildm: error: grading failed: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,12 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("grade", help="autograde submitted exercises with nbgrader and print the scores",
-                       description="Autograde submitted/<student>/<assignment>/*.ipynb with nbgrader (test cells and "
-                       "hidden tests restored from solutions/) and print a per-exercise score table. Needs the "
-                       "instructor extra: pip install -e '.[instructor]'.")
+                       description="Autograde submitted/<student>/<assignment>/*.ipynb with nbgrader, one notebook "
+                       "at a time (test cells, deleted ones included, and hidden tests restored from solutions/; "
+                       "LMS-renamed copies such as 'name (1).ipynb' renamed first) and print a table: one row per "
+                       "student, points per task, the total, the grading time and a status (graded, timed out, "
+                       "kernel died, invalid notebook, missing notebook). Exits non-zero only when grading itself "
+                       "failed. Needs the instructor extra: pip install -e '.[instructor]'.")
     p.add_argument("assignment", help="e.g. ex02-autoencoder")
     p.add_argument("--course", default=".", help="the course folder with nbgrader_config.py (default: here)")
-    p.add_argument("--timeout", type=int, default=120, help="seconds a cell may run before it is cut off")
+    p.add_argument("--timeout", type=int, default=120,
+                   help="seconds a cell may run before nbgrader interrupts it (default: %(default)s)")
+    p.add_argument("--csv", default=None, metavar="PATH",
+                   help="also write one row per student and task: points, status, the failed check's message")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write everything as JSON: per student, notebook and task")
     p.set_defaults(func=cmd_grade)
     return parser
 

@@ -1,0 +1,358 @@
+"""`minildm grade`: a report an instructor can trust, whatever the students submitted.
+
+One module-scoped course is graded once (about a minute on 2 cores, nbgrader and a kernel per notebook) with
+crafted submissions of ex02-autoencoder: the solution, the untouched release, cells that raise, an edited and
+deleted test cells, a loop the kernel interrupt stops and one it cannot stop, a kernel that dies, a file that is not
+JSON, a renamed file and a folder without the notebook. Then the same course again with most folders removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from minildm.grade import (
+    GRADED,
+    INVALID,
+    KERNEL_DIED,
+    MISSING,
+    TIMED_OUT,
+    NotebookResult,
+    Report,
+    StudentResult,
+    Task,
+    match_notebooks,
+)
+
+pytest.importorskip("nbgrader")
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSIGNMENT = "ex02-autoencoder"
+NOTEBOOK = "autoencoder.ipynb"
+TIMEOUT = 10  # seconds a cell may run: the loops cost this much, the slowest real cell (import torch) needs ~5
+TASKS = ["test_reparameterize", "test_kl_divergence", "test_nearest_code", "test_straight_through"]
+
+
+def _run(argv) -> tuple[int, str, str]:
+    from minildm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _course(path: Path) -> Path:
+    for folder in ("solutions", "exercises"):
+        shutil.copytree(ROOT / folder, path / folder)
+    shutil.copy(ROOT / "nbgrader_config.py", path)
+    return path
+
+
+def _cell(nb: dict, grade_id: str) -> dict:
+    return next(c for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade_id") == grade_id)
+
+
+def _without(nb: dict, *grade_ids: str) -> dict:
+    nb["cells"] = [c for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade_id") not in grade_ids]
+    return nb
+
+
+def _submissions(course: Path) -> None:
+    released = json.loads((course / "exercises" / ASSIGNMENT / NOTEBOOK).read_text())
+    solution = json.loads((course / "solutions" / ASSIGNMENT / NOTEBOOK).read_text())
+
+    def solved() -> dict:  # the release with the solution code typed in, as a student would
+        nb = json.loads(json.dumps(released))
+        for cell in nb["cells"]:
+            meta = cell["metadata"].get("nbgrader", {})
+            if meta.get("solution"):
+                cell["source"] = _cell(solution, meta["grade_id"])["source"]
+        return nb
+
+    def put(student: str, nb: dict | str, name: str = NOTEBOOK) -> None:
+        folder = course / "submitted" / student / ASSIGNMENT
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(nb if isinstance(nb, str) else json.dumps(nb, indent=1))
+
+    put("alice", solved())
+    put("bob", released)
+    # carol: a solution cell that raises after defining its function (the rest still runs), a wrong KL, and a
+    # test cell replaced with `pass` above a wrong straight-through
+    nb = solved()
+    _cell(nb, "reparameterize")["source"] += "\nraise RuntimeError('carol was here')\n"
+    _cell(nb, "kl_divergence")["source"] = "def kl_divergence(mean, logvar):\n    return mean.sum()\n"
+    _cell(nb, "straight_through")["source"] = "def straight_through(z, z_q):\n    return z_q\n"
+    _cell(nb, "test_straight_through")["source"] = "pass\n"
+    put("carol", nb)
+    nb = solved()
+    _cell(nb, "nearest_code")["source"] = "while True:\n    pass\n"
+    put("dave", nb)
+    nb = solved()
+    _cell(nb, "kl_divergence")["source"] = "import os\nos._exit(0)\n"
+    put("erin", nb)
+    put("frank", '{"cells": [ this is not JSON')
+    put("grace", solved(), name="autoencoder (1).ipynb")
+    # heidi: deletes the KL test (her KL is wrong), and both the nearest-code solution and its test
+    nb = _without(solved(), "test_kl_divergence", "nearest_code", "test_nearest_code")
+    _cell(nb, "kl_divergence")["source"] = "def kl_divergence(mean, logvar):\n    return mean.sum()\n"
+    put("heidi", nb)
+    nb = solved()
+    _cell(nb, "nearest_code")["source"] = ("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                                           "while True:\n    pass\n")
+    put("kim", nb)
+    put("mallory", solved(), name="notes.ipynb")
+    put("mallory", solved(), name="scratch.ipynb")
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    course = _course(tmp_path_factory.mktemp("course"))
+    _submissions(course)
+    start = time.monotonic()
+    rc, out, err = _run(["grade", ASSIGNMENT, "--course", str(course), "--timeout", str(TIMEOUT),
+                         "--csv", str(course / "grades.csv"), "--json", str(course / "grades.json")])
+    seconds = time.monotonic() - start
+    report = json.loads((course / "grades.json").read_text())
+    with (course / "grades.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", "minildm") as gb:
+        auto = {s.student_id: [g.auto_score for nb in s.notebooks for g in nb.grades]
+                for s in gb.assignment_submissions(ASSIGNMENT)}
+    grace = sorted(p.name for p in (course / "submitted" / "grace" / ASSIGNMENT).iterdir())
+    # the course again, most folders gone and alice's notebook replaced by a broken one
+    for folder in (course / "submitted").iterdir():
+        if folder.name not in ("alice", "frank"):
+            shutil.rmtree(folder)
+    (course / "submitted" / "alice" / ASSIGNMENT / NOTEBOOK).write_text("")
+    rc2, out2, err2 = _run(["grade", ASSIGNMENT, "--course", str(course), "--json", str(course / "again.json")])
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", "minildm") as gb:
+        auto2 = {s.student_id: [g.auto_score for nb in s.notebooks for g in nb.grades]
+                 for s in gb.assignment_submissions(ASSIGNMENT)}
+    print(out, f"\n(first run {seconds:.0f} s)")
+    return {"course": course, "rc": rc, "out": out, "err": err, "json": report, "csv": rows, "auto": auto,
+            "rc2": rc2, "out2": out2, "err2": err2, "json2": json.loads((course / "again.json").read_text()),
+            "auto2": auto2, "seconds": seconds, "grace": grace}
+
+
+def _table(out: str) -> dict[str, str]:
+    lines = out.splitlines()
+    head = max(i for i, line in enumerate(lines) if line.split()[:2] == ["student", "status"])
+    return {line.split()[0]: line for line in lines[head + 1:]}
+
+
+def _student(report: dict, name: str) -> dict:
+    return next(s for s in report["students"] if s["student"] == name)
+
+
+def _points(report: dict, name: str) -> list:
+    nb = _student(report, name)["notebooks"][0]
+    return [nb["tasks"][t]["points"] for t in TASKS]
+
+
+def _marks(row: str) -> list[str]:
+    return row.split()[-5:]
+
+
+EXPECTED = {  # student: (status, graded, points per task or None, marks in the table)
+    "alice": (GRADED, True, [2, 2, 2, 2], ["2/2", "2/2", "2/2", "2/2", "8/8"]),
+    "bob": (GRADED, True, [0, 0, 0, 0], ["0/2", "0/2", "0/2", "0/2", "0/8"]),
+    "carol": (GRADED, True, [2, 0, 2, 0], ["2/2", "0/2", "2/2", "0/2", "4/8"]),
+    "dave": (TIMED_OUT, True, [2, 2, 0, 2], ["2/2", "2/2", "0/2", "2/2", "6/8"]),
+    "erin": (KERNEL_DIED, False, None, ["-", "-", "-", "-", "-"]),
+    "frank": (INVALID, False, None, ["-", "-", "-", "-", "-"]),
+    "grace": (GRADED, True, [2, 2, 2, 2], ["2/2", "2/2", "2/2", "2/2", "8/8"]),
+    "heidi": (GRADED, True, [2, 0, 0, 2], ["2/2", "0/2", "0/2", "2/2", "4/8"]),
+    "kim": (TIMED_OUT, False, None, ["-", "-", "-", "-", "-"]),
+    "mallory": (MISSING, False, None, ["-", "-", "-", "-", "-"]),
+}
+
+
+def test_bad_notebooks_do_not_fail_the_command_and_every_student_has_a_row(graded):
+    assert graded["rc"] == 0, graded["err"]
+    assert graded["err"] == ""
+    table = _table(graded["out"])
+    assert sorted(table) == sorted(EXPECTED), graded["out"]
+    assert [s["student"] for s in graded["json"]["students"]] == sorted(EXPECTED)
+    assert graded["json"]["failures"] == []
+    assert graded["seconds"] < 240
+
+
+@pytest.mark.parametrize("student", sorted(EXPECTED))
+def test_each_row_has_its_status_and_points(graded, student):
+    status, is_graded, points, marks = EXPECTED[student]
+    row, entry = _table(graded["out"])[student], _student(graded["json"], student)
+    assert _marks(row) == marks, row
+    assert (entry["status"], entry["graded"]) == (status, is_graded)
+    assert _points(graded["json"], student) == (points or [None] * 4)
+    assert entry["points"] == (sum(points) if points else None) and entry["max_points"] == 8
+    # "not graded (why)" and a score of 0 never look alike
+    assert ("not graded: " + status in row) == (not is_graded), row
+    seconds = entry["notebooks"][0]["seconds"]
+    if status in (INVALID, MISSING):  # found out before nbgrader ran
+        assert seconds is None
+    else:  # grading time per notebook
+        assert seconds > 0 and f"{seconds:.1f} s" in row
+
+
+def test_the_checkers_messages_are_reported(graded):
+    report = graded["json"]
+    for task in TASKS:
+        assert "not implemented yet" in _student(report, "bob")["notebooks"][0]["tasks"][task]["message"]
+        assert _student(report, "alice")["notebooks"][0]["tasks"][task]["message"] is None
+    carol = _student(report, "carol")["notebooks"][0]["tasks"]
+    assert carol["test_kl_divergence"]["message"].startswith("ExerciseError: kl_divergence")
+    assert carol["test_reparameterize"]["message"] is None  # the cell raised after defining the function
+    assert carol["test_straight_through"]["message"]  # the test ran, not the student's `pass`
+    rows = {(r["student"], r["task"]): r for r in graded["csv"]}
+    assert len(rows) == len(EXPECTED) * len(TASKS)
+    assert rows["carol", "test_kl_divergence"]["message"] == carol["test_kl_divergence"]["message"]
+    assert rows["carol", "test_kl_divergence"]["points"] == "0"
+    assert rows["alice", "test_kl_divergence"]["points"] == "2" and rows["alice", "test_kl_divergence"]["message"] == ""
+    assert rows["erin", "test_kl_divergence"]["points"] == "" and rows["erin", "test_kl_divergence"]["status"] == KERNEL_DIED
+
+
+def test_edited_and_deleted_test_cells_are_put_back_and_run(graded):
+    report = graded["json"]
+    carol = _student(report, "carol")["notebooks"][0]
+    assert carol["restored"] == ["test_straight_through (edited)"]
+    heidi = _student(report, "heidi")["notebooks"][0]
+    assert heidi["restored"] == ["test_kl_divergence (deleted)", "test_nearest_code (deleted)"]
+    assert heidi["tasks"]["test_kl_divergence"]["message"].startswith("ExerciseError: kl_divergence")
+    assert "nearest_code" in heidi["tasks"]["test_nearest_code"]["message"]  # NameError: her function is gone
+    assert "heidi: autoencoder.ipynb: test cells put back as released: test_kl_divergence (deleted)" in graded["out"]
+
+
+def test_untouched_submissions_log_no_checksum_warnings(graded):
+    report = graded["json"]
+    for student in ("alice", "bob", "grace", "dave"):
+        assert not any("checksum" in w for w in _student(report, student)["notebooks"][0]["warnings"]), student
+    assert any("checksum" in w and "test_straight_through" in w
+               for w in _student(report, "carol")["notebooks"][0]["warnings"])
+
+
+def test_timeouts_kernel_deaths_and_broken_files_say_what_happened(graded):
+    report, out = graded["json"], graded["out"]
+    dave = _student(report, "dave")["notebooks"][0]
+    assert dave["timed_out"] == ["nearest_code"] and dave["seconds"] >= TIMEOUT
+    assert "graded, timed out: nearest_code" in _table(out)["dave"]
+    kim = _student(report, "kim")["notebooks"][0]
+    assert "ignored the interrupt" in kim["detail"] and "nearest_code" in kim["detail"]
+    erin = _student(report, "erin")["notebooks"][0]
+    assert "kl_divergence" in erin["detail"] and "os._exit" in erin["detail"]
+    frank = _student(report, "frank")["notebooks"][0]
+    assert frank["detail"].startswith("not valid JSON")
+    mallory = _student(report, "mallory")
+    assert mallory["notes"] == [f"ignored '{n}' (not graded: an older copy, or not a notebook of this assignment)"
+                                for n in ("notes.ipynb", "scratch.ipynb")]
+    # the gradebook keeps no score for what was not graded (nbgrader never saw frank or mallory)
+    assert graded["auto"]["erin"] == [None] * 4 and graded["auto"]["kim"] == [None] * 4
+    assert graded["auto"]["alice"] == [2.0] * 4 and "frank" not in graded["auto"]
+
+
+def test_a_renamed_file_is_renamed_and_graded(graded):
+    grace = _student(graded["json"], "grace")["notebooks"][0]
+    assert grace["renamed_from"] == "autoencoder (1).ipynb" and grace["file"] == NOTEBOOK
+    assert "grace: renamed 'autoencoder (1).ipynb' -> 'autoencoder.ipynb' before grading" in graded["out"]
+    assert graded["grace"] == [NOTEBOOK]
+
+
+def test_grading_never_rewrites_the_released_exercises(graded):
+    released = graded["course"] / "exercises" / ASSIGNMENT / NOTEBOOK
+    assert released.read_text() == (ROOT / "exercises" / ASSIGNMENT / NOTEBOOK).read_text()
+
+
+def test_removed_students_disappear_and_old_scores_are_cleared(graded):
+    assert graded["rc2"] == 0, graded["err2"]
+    assert sorted(_table(graded["out2"])) == ["alice", "frank"]
+    alice = _student(graded["json2"], "alice")
+    assert alice["status"] == INVALID and alice["points"] is None
+    assert graded["auto2"]["alice"] == [None] * 4  # her 8/8 of the first run is not shown as a grade any more
+    assert graded["auto2"]["bob"] == [0.0] * 4  # the gradebook keeps removed students; the report does not show them
+
+
+def test_a_grading_failure_exits_non_zero_and_still_prints_the_table(tmp_path):
+    course = _course(tmp_path)
+    folder = course / "submitted" / "alice" / ASSIGNMENT
+    folder.mkdir(parents=True)
+    shutil.copy(course / "exercises" / ASSIGNMENT / NOTEBOOK, folder)
+    (course / "gradebook.db").write_bytes(b"this is not a database" * 100)
+    rc, out, err = _run(["grade", ASSIGNMENT, "--course", str(course)])
+    assert rc == 1
+    assert "generate_assignment" in err
+    assert "not graded: error" in _table(out)["alice"]
+
+
+def _folder(tmp_path: Path, *names: str) -> Path:
+    for i, name in enumerate(names):
+        (tmp_path / name).write_text("{}")
+        os.utime(tmp_path / name, (1_000_000 + i, 1_000_000 + i))  # later names are newer
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["autoencoder (1).ipynb", "autoencoder-2.ipynb", "autoencoder_3.ipynb",
+                                  "Copy of autoencoder.ipynb", "Autoencoder.ipynb", "autoencoder - Copy.ipynb",
+                                  "Copy of autoencoder (2).ipynb", "my answers.ipynb"])
+def test_lms_renamed_copies_are_matched(tmp_path, name):
+    found, renamed, notes = match_notebooks(_folder(tmp_path, name), ["autoencoder"])
+    assert found == {"autoencoder": tmp_path / NOTEBOOK} and renamed == {"autoencoder": name} and notes == []
+    assert [p.name for p in tmp_path.iterdir()] == [NOTEBOOK]
+
+
+def test_matching_takes_the_exact_name_else_the_newest_copy(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    found, renamed, notes = match_notebooks(_folder(a, "autoencoder.ipynb", "autoencoder (1).ipynb"), ["autoencoder"])
+    assert found["autoencoder"] == a / NOTEBOOK and renamed == {} and len(notes) == 1 and "autoencoder (1)" in notes[0]
+    found, renamed, notes = match_notebooks(_folder(b, "autoencoder (1).ipynb", "autoencoder (2).ipynb"),
+                                            ["autoencoder"])
+    assert renamed == {"autoencoder": "autoencoder (2).ipynb"} and "autoencoder (1).ipynb" in notes[0]
+
+
+def test_matching_with_several_notebooks_needs_the_name(tmp_path):
+    found, renamed, notes = match_notebooks(_folder(tmp_path, "part-1 (1).ipynb", "other.ipynb"),
+                                            ["part-1", "part-2"])
+    assert found == {"part-1": tmp_path / "part-1.ipynb", "part-2": None}
+    assert renamed == {"part-1": "part-1 (1).ipynb"} and "other.ipynb" in notes[0]
+
+
+def test_the_table_tells_not_graded_from_zero():
+    tasks = [Task("nb", "t1", 1.0), Task("nb", "t2", 2.0)]
+    zero = NotebookResult("nb", GRADED, True, points={"t1": 0.0, "t2": 0.0}, seconds=1.0)
+    died = NotebookResult("nb", KERNEL_DIED, False, detail="the kernel stopped", seconds=2.0)
+    manual = NotebookResult("nb", GRADED, True, points={"t1": 1.0, "t2": None}, seconds=1.0)
+    report = Report("ex", 30, tasks, [StudentResult("ann", [zero]), StudentResult("ben", [died]),
+                                      StudentResult("cy", [manual])])
+    rows = _table(report.table())
+    assert rows["ann"].split()[-3:] == ["0/1", "0/2", "0/3"] and "graded" in rows["ann"]
+    assert rows["ben"].split()[-3:] == ["-", "-", "-"] and "not graded: kernel died" in rows["ben"]
+    assert rows["cy"].split()[-3:] == ["1/1", "?/2", "1/3"]  # a cell waiting for manual grading
+    assert report.to_dict()["students"][1]["points"] is None
+
+
+def test_the_course_config_names_the_course_and_restores_test_cells():
+    from nbgrader.converters import Autograde
+    from nbgrader.preprocessors import OverwriteCells
+    from traitlets.config.loader import PyFileConfigLoader
+    from traitlets.utils.importstring import import_item
+
+    from minildm.grade import RestoreTestCells
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
+    assert config.CourseDirectory.course_id == "minildm"  # release_assignment and collect refuse to run without
+    assert config.OverwriteCells.add_missing_cells is True
+    # plain `nbgrader autograde` runs nbgrader's own sanitizing steps, with RestoreTestCells for OverwriteCells
+    defaults = Autograde.class_traits()["sanitize_preprocessors"].default()
+    assert [import_item(name) for name in config.Autograde.sanitize_preprocessors] == [
+        RestoreTestCells if cls is OverwriteCells else cls for cls in defaults]
+    assert issubclass(RestoreTestCells, OverwriteCells)
