@@ -1,11 +1,25 @@
-"""DDPM ancestral sampling, checked with the exact denoiser of a Gaussian data set."""
+"""The samplers (DDPM, DDIM, Euler, Heun, DPM-Solver++(2M)), checked with the exact denoisers of Gaussian and
+Gaussian-mixture data sets, for which the right answers are known in closed form."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from minildm.samplers import Snapshot, ddpm_sample, model_output
+from minildm.samplers import (
+    SAMPLERS,
+    Snapshot,
+    ddim_sigma,
+    ddim_step,
+    ddpm_sample,
+    euler_step,
+    karras_sigmas,
+    karras_timesteps,
+    model_output,
+    sample,
+    uniform_timesteps,
+)
 from minildm.schedules import NoiseSchedule
 
 MU, S = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
@@ -175,3 +189,344 @@ def test_ddpm_never_makes_the_cpu_wait_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
     m, V = exact_moments(sched, MU, S)
     assert (x.mean(0).cpu().double() - m).abs().max() < 5 * V.sqrt().max() / math.sqrt(N)
+
+
+# =====================================================================================================================
+# Stage 8: DDIM, Euler, Heun, DPM-Solver++(2M) and `sample`, one interface for all of them
+# =====================================================================================================================
+
+
+class Mixture:
+    """Data x0 ~ sum_k w_k N(mu_k, Sigma_k) and its exact denoiser. Given component k, x_t = a x0 + b eps is
+    N(a mu_k, C_k) with C_k = a^2 Sigma_k + b^2 I, so (Bayes, then the Gaussian conditional mean)
+
+        E[x0 | x_t] = sum_k r_k(x_t) (mu_k + a Sigma_k C_k^{-1} (x_t - a mu_k)),   r_k ~ w_k N(x_t; a mu_k, C_k),
+
+    computed in the eigenbasis of each Sigma_k = U diag(lam) U^T, where C_k = U diag(a^2 lam + b^2) U^T."""
+
+    def __init__(self, weights, means, covs):
+        self.weights, self.means, self.covs = (torch.tensor(v, dtype=torch.float64) for v in (weights, means, covs))
+        self.lam, self.U = torch.linalg.eigh(self.covs)  # (K, D), (K, D, D)
+
+    @property
+    def mean(self):
+        return self.weights @ self.means
+
+    @property
+    def cov(self):
+        second = (self.weights[:, None, None] * (self.covs + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        return second - torch.outer(self.mean, self.mean)
+
+    def x0_given_xt(self, x_t, ab: float, shift=0.0):
+        """E[x0 | x_t] at alpha_bar = ab; `shift` (B, D) moves every mean (a per-sample condition)."""
+        a, x = math.sqrt(ab), x_t.double()
+        logp, x0 = [], []
+        for w, mu, lam, U in zip(self.weights, self.means, self.lam, self.U):
+            mu = mu + shift
+            z, c = (x - a * mu) @ U, ab * lam + (1 - ab)  # coordinates and variances of x_t along U
+            logp.append(w.log() - 0.5 * (z**2 / c).sum(1) - 0.5 * c.log().sum())
+            x0.append(mu + (z * a * lam / c) @ U.T)
+        return (torch.stack(logp).softmax(0)[..., None] * torch.stack(x0)).sum(0)
+
+    def model(self, schedule, prediction="eps", shift_of_context=None, calls=None):
+        """model(x_t, t, context) -> the exact eps / x0 / v; checks that t is one valid int64 timestep (B,)."""
+
+        def model(x_t, t, context=None):
+            assert t.dtype == torch.long and t.shape == (x_t.shape[0],) and (t == t[0]).all()
+            assert 0 <= int(t[0]) <= schedule.T - 1
+            if calls is not None:
+                calls.append((int(t[0]), x_t.shape[0]))
+            ab = float(schedule.alpha_bar[t[0]])
+            a, b = math.sqrt(ab), math.sqrt(1 - ab)
+            shift = 0.0 if shift_of_context is None else shift_of_context(context)
+            x0 = self.x0_given_xt(x_t, ab, shift)
+            eps = (x_t.double() - a * x0) / b
+            return {"eps": eps, "x0": x0, "v": a * eps - b * x0}[prediction].to(x_t.dtype)
+
+        return model
+
+    def ode_end(self, schedule, x_T):
+        """(One Gaussian) Where the exact probability-flow ODE takes x_T, as the deterministic samplers run it:
+        from y = x_T / sqrt(alpha_bar_{T-1}) at sigma_max down to sigma_0 (t = 0), then the last step's x0_hat.
+
+        With D(y; sigma) = mu + Sigma (Sigma + sigma^2 I)^{-1} (y - mu), each eigen-direction of Sigma (variance lam)
+        obeys d(y - mu)/dsigma = sigma (y - mu) / (lam + sigma^2): y - mu scales like sqrt(lam + sigma^2). So it is
+        multiplied by sqrt((lam + sigma_0^2) / (lam + sigma_max^2)), then by lam / (lam + sigma_0^2) (that is D)."""
+        (mu,), (lam,), (U,) = self.means, self.lam, self.U
+        ab_T = schedule.alpha_bar[-1]
+        smax2, s02 = (1 - ab_T) / ab_T, schedule.sigmas[0] ** 2
+        z = (x_T.double() / ab_T.sqrt() - mu) @ U
+        return mu + (z * lam / ((lam + s02) * (lam + smax2)).sqrt()) @ U.T
+
+
+GAUSS = Mixture([1.0], [[1.0, -2.0]], [[[0.36, 0.30], [0.30, 0.89]]])  # correlated: Sigma = A A^T, A = [[.6, 0], [.5, .8]]
+MIXTURE = Mixture([0.3, 0.7], [[-2.0, 0.0], [1.5, 1.0]], [[[0.3, 0.1], [0.1, 0.2]], [[0.5, -0.2], [-0.2, 0.4]]])
+LDM = NoiseSchedule.from_name("scaled_linear", 1000)
+
+
+def run(sampler, model, n, schedule, seed=0, **kwargs):
+    return sample(model, (n, 2), schedule, sampler, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_uniform_timesteps():
+    assert uniform_timesteps(1000, 1) == [999]
+    assert uniform_timesteps(1000, 4) == [999, 666, 333, 0]
+    assert uniform_timesteps(30, 30) == list(range(29, -1, -1))
+    for steps in range(1, 31):  # distinct, in range, both ends: round-half-to-even would give [.., 2, 2, ..] at 23
+        ts = uniform_timesteps(30, steps)
+        assert len(set(ts)) == steps and ts[0] == 29 and ts[-1] == (0 if steps > 1 else 29)
+
+
+def test_karras_sigmas_and_timesteps():
+    s = karras_sigmas(0.01, 100.0, 5, rho=7.0)
+    assert s[0] == pytest.approx(100.0) and s[-1] == pytest.approx(0.01)
+    roots = torch.tensor(s, dtype=torch.float64) ** (1 / 7)  # eq. 5: evenly spaced in sigma^(1/rho)
+    torch.testing.assert_close(roots.diff(), torch.full((4,), (0.01 ** (1 / 7) - 100 ** (1 / 7)) / 4,
+                                                         dtype=torch.float64))
+    assert karras_sigmas(0.5, 2.5, 3, rho=1.0) == pytest.approx([2.5, 1.5, 0.5])  # rho = 1: uniform in sigma
+    ts = karras_timesteps(LDM, 20)
+    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 20 and all(a > b for a, b in itertools.pairwise(ts))
+    wanted = torch.tensor(karras_sigmas(float(LDM.sigmas[0]), float(LDM.sigmas[-1]), 20), dtype=torch.float64)
+    got = LDM.sigmas[ts]  # each timestep's sigma is the nearest on a log scale: within half a timestep's ratio
+    half_gap = (LDM.sigmas[1:] / LDM.sigmas[:-1]).log().max() / 2
+    assert ((got / wanted).log().abs() <= half_gap + 1e-12).all()
+    assert len(karras_timesteps(LDM, 50)) == 49  # two sigmas near sigma_min share t = 1 (documented)
+
+
+def test_ddim_step_closed_forms(sched):
+    """eta = 1 between consecutive timesteps is DDPM's posterior q(x_{t-1} | x_t, x0) (Ho et al. eqs. 6-7):
+    sigma^2 = beta_tilde_t and the mean is coef_x0 x0 + coef_xt x_t; eta = 0 adds no noise; t = 0 -> x0."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps, noise = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    for t in (1, 7, 100, 199):
+        ab, ab_prev = float(sched.alpha_bar[t]), float(sched.alpha_bar[t - 1])
+        assert ddim_sigma(ab, ab_prev, 1.0) ** 2 == pytest.approx(float(sched.posterior_variance[t]), rel=1e-9)
+        assert ddim_sigma(ab, ab_prev, 0.0) == 0.0
+        x_t = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps
+        mean = sched.posterior_mean_coef_x0[t] * x0 + sched.posterior_mean_coef_xt[t] * x_t
+        torch.testing.assert_close(ddim_step(x0, eps, ab, ab_prev, 1.0, noise),
+                                   mean + sched.posterior_variance[t].sqrt() * noise)
+        torch.testing.assert_close(ddim_step(x0, eps, ab, ab_prev), math.sqrt(ab_prev) * x0
+                                   + math.sqrt(1 - ab_prev) * eps)  # eta = 0: x_prev = q_sample(x0, prev, eps)
+    assert torch.equal(ddim_step(x0, eps, float(sched.alpha_bar[0]), 1.0, 1.0, noise), x0)
+    with pytest.raises(ValueError, match="pass noise"):
+        ddim_step(x0, eps, 0.5, 0.6, eta=0.5)
+
+
+def test_euler_step_is_exact_for_a_single_data_point():
+    """For data = one point x0 the ODE solution is y(sigma) = x0 + sigma eps, a straight line: Euler is exact."""
+    x0, eps = torch.tensor([0.3, -1.0]), torch.tensor([1.5, 0.2])
+    for sigma, sigma_next in ((80.0, 20.0), (2.0, 0.5), (0.5, 0.0)):
+        torch.testing.assert_close(euler_step(x0 + sigma * eps, x0, sigma, sigma_next), x0 + sigma_next * eps)
+
+
+# The order of accuracy. Measured (scaled_linear, T = 1000, 256 samples; Karras counts are after merging):
+#   ddim 20/40/80 steps: RMS error 9.3e-2, 4.8e-2, 2.5e-2 (slope 0.95);  euler 9.2e-2 .. 2.3e-2 (1.03)
+#   heun 1.5e-2, 3.4e-3, 8.1e-4 (2.15);  dpmpp_2m 1.5e-2, 3.4e-3, 8.9e-4 (2.10).
+# DPM-Solver++(2M) on uniform timesteps reaches only about 1.4 (see minildm.samplers._dpmpp_2m_loop).
+ORDERS = {"ddim": (1, 0.15), "euler": (1, 0.15), "heun": (2, 0.3), "dpmpp_2m": (2, 0.3)}
+
+
+@pytest.mark.parametrize("sampler", ORDERS)
+def test_order_of_accuracy_against_the_exact_ode_solution(sampler):
+    """Error of the final samples vs the closed-form ODE end point, at 20, 40, 80 steps: the slope of log(error)
+    against log(steps) is the order, 1 for DDIM and Euler, 2 for Heun and DPM-Solver++(2M) (tolerance: 0.15, 0.3)."""
+    n = 256
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))  # each run's first draw
+    exact = GAUSS.ode_end(LDM, x_T)
+    steps, errors = [], []
+    for k in (20, 40, 80):
+        x = run(sampler, GAUSS.model(LDM), n, LDM, steps=k)
+        steps.append(k if sampler == "ddim" else len(karras_timesteps(LDM, k)))
+        errors.append((x.double() - exact).pow(2).sum(1).mean().sqrt())
+    log_n, log_e = torch.tensor(steps, dtype=torch.float64).log(), torch.stack(errors).log()
+    slope = -((log_n - log_n.mean()) * (log_e - log_e.mean())).sum() / (log_n - log_n.mean()).pow(2).sum()
+    order, tol = ORDERS[sampler]
+    assert abs(slope - order) < tol, f"{sampler}: measured order {slope:.2f}, errors {torch.stack(errors).tolist()}"
+
+
+def test_ddim_eta0_is_euler_and_dpmpp_2m_starts_as_ddim(sched):
+    """Song et al. Sec. 4.3: DDIM (eta = 0) is Euler's method on the same timesteps; DPM-Solver++(2M)'s first and
+    last steps are first order, so with two timesteps it is DDIM too (and differs from the third step on)."""
+    model = GAUSS.model(sched)
+    for ts in ([199, 120, 60, 20, 5, 0], [199, 150, 149, 3, 0]):
+        torch.testing.assert_close(run("euler", model, 64, sched, steps=ts), run("ddim", model, 64, sched, steps=ts),
+                                   rtol=1e-4, atol=1e-4)
+    for ts in ([199], [150, 0]):
+        torch.testing.assert_close(run("dpmpp_2m", model, 64, sched, steps=ts), run("ddim", model, 64, sched,
+                                                                                    steps=ts), rtol=1e-4, atol=1e-4)
+    ts = [199, 100, 30, 0]
+    assert (run("dpmpp_2m", model, 64, sched, steps=ts) - run("ddim", model, 64, sched, steps=ts)).abs().max() > 1e-2
+
+
+# Every sampler at about 100 model calls on `sched` (linear, T = 200): DDPM all 200 steps, Heun 50 steps (99 calls).
+# Tolerance: 5 standard errors of the estimate plus a discretisation allowance of 6% of the largest covariance entry
+# (measured with 4e4 samples: the largest deviation is Euler's, 5.1% on the Gaussian).
+BUDGET = {"ddpm": None, "ddim": 100, "euler": 100, "heun": 50, "dpmpp_2m": 100}
+
+
+def assert_moments(x, data: Mixture, allowance=0.06):
+    x = x.double()
+    n, mean, centred = len(x), x.mean(0), x - x.mean(0)
+    products = centred[:, :, None] * centred[:, None, :]  # (n, D, D): the covariance is their mean
+    mean_se, cov_se = (centred.var(0) / n).sqrt(), products.std(0) / math.sqrt(n)
+    assert ((mean - data.mean).abs() < 5 * mean_se).all(), (mean, data.mean)
+    cov_err = (products.mean(0) * n / (n - 1) - data.cov).abs()
+    assert (cov_err < 5 * cov_se + allowance * data.cov.abs().max()).all(), (products.mean(0), data.cov)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_reproduces_a_correlated_gaussian(sampler, sched):
+    x = run(sampler, GAUSS.model(sched), 20000, sched, steps=BUDGET[sampler])
+    assert x.shape == (20000, 2) and x.dtype == torch.float32
+    assert_moments(x, GAUSS)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_reproduces_a_gaussian_mixture(sampler, sched):
+    n = 10000
+    x = run(sampler, MIXTURE.model(sched), n, sched, seed=1, steps=BUDGET[sampler])
+    assert_moments(x, MIXTURE)
+    # and the weights of the two modes: P(x_1 < -0.25) in closed form (1-D marginals of the two components)
+    z = (-0.25 - MIXTURE.means[:, 0]) / MIXTURE.covs[:, 0, 0].sqrt()
+    p = float(MIXTURE.weights @ torch.special.ndtr(z))
+    assert abs((x[:, 0] < -0.25).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_deterministic_samplers_carry_the_start_error_of_scaled_linear():
+    """x_T ~ N(0, I) is not quite the noised data when alpha_bar_{T-1} = 0.0047 (scaled_linear): the ODE maps
+    the start's mean error to a mean shrunk towards 0 (the closed form: ode_end is affine, its value at x_T = 0 is
+    the sample mean): by s sqrt(alpha_bar_{T-1}) = 6.8% for s = 1, 3.4% for s = 0.5. Heun reproduces it; DDPM's
+    fresh noise washes most of it out."""
+    n, data = 20000, Mixture([1.0], [[2.0, 3.0]], [[[1.0, 0.0], [0.0, 0.25]]])
+    expected = data.ode_end(LDM, torch.zeros(1, 2))[0]
+    torch.testing.assert_close(expected, data.mean * (1 - data.cov.diagonal().sqrt() * LDM.sqrt_alpha_bar[-1]),
+                               rtol=2e-3, atol=0)
+    se = (data.cov.diagonal() / n).sqrt()
+    assert ((expected - data.mean).abs() > 10 * se).all()  # the effect is far larger than the noise
+    heun = run("heun", data.model(LDM), n, LDM, steps=30).double().mean(0)
+    assert ((heun - expected).abs() < 5 * se + 0.005).all(), (heun, expected)
+    ddpm = run("ddpm", data.model(LDM), n, LDM, steps=100).double().mean(0)
+    assert ((ddpm - data.mean).abs() < (expected - data.mean).abs() / 3).all(), (ddpm, expected)
+
+
+def test_ddim_with_eta_1_at_all_T_steps_is_ddpm(sched, samples):
+    """Same seed, same noise draws: the very same samples as ddpm_sample, so the same moments (exact_moments)."""
+    x = sample(oracle(sched, MU, S), (N, 2), sched, "ddim", steps=sched.T, eta=1.0,
+               generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, samples, rtol=1e-4, atol=1e-4)
+    m, V = exact_moments(sched, MU, S)
+    assert ((x.mean(0).double() - m).abs() < 5 * (V / N).sqrt()).all()
+    assert ((x.var(0).double() - V).abs() < 5 * V * math.sqrt(2 / (N - 1))).all()
+    # "ddpm" with fewer steps is DDIM with eta = 1 on those timesteps; with all of them it is ddpm_sample itself
+    model = GAUSS.model(sched)
+    assert torch.equal(run("ddpm", model, 64, sched, steps=40), run("ddim", model, 64, sched, steps=40, eta=1.0))
+    assert torch.equal(run("ddpm", model, 64, sched), ddpm_sample(model, (64, 2), sched,
+                                                                  generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_eps_x0_and_v_models_give_the_same_samples(sampler, sched):
+    steps = 30 if sampler != "ddpm" else None
+    out = {p: run(sampler, MIXTURE.model(sched, p), 256, sched, steps=steps, prediction=p)
+           for p in ("eps", "x0", "v")}
+    torch.testing.assert_close(out["x0"], out["eps"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["v"], out["eps"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_guidance_passes_through(sampler, sched):
+    """The context is token ids (B, 1) picking a mean shift. eps is affine in the mean, so guidance with scale g
+    gives exactly the samples of the model conditioned on the shift u + g (c - u), in one batch of 2B a call."""
+    table = torch.tensor([[0.0, 0.0], [1.0, 2.0], [-3.0, 0.5]], dtype=torch.float64)
+    ids, uncond = torch.tensor([[1], [2], [1], [2]]), torch.zeros(4, 1, dtype=torch.long)
+    calls, g = [], 2.5
+    guided = run(sampler, GAUSS.model(sched, shift_of_context=lambda c: table[c[:, 0]], calls=calls), 4, sched,
+                 steps=10, context=ids, guidance_scale=g, uncond_context=uncond)
+    shift = table[uncond[:, 0]] + g * (table[ids[:, 0]] - table[uncond[:, 0]])
+    direct = run(sampler, GAUSS.model(sched, shift_of_context=lambda c: shift), 4, sched, steps=10)
+    torch.testing.assert_close(guided, direct, rtol=1e-4, atol=1e-4)
+    assert {batch for _, batch in calls} == {8}
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_model_calls_trajectory_and_callback(sampler, sched):
+    calls, seen = [], []
+    steps = None if sampler == "ddpm" else 20
+    x, traj = run(sampler, GAUSS.model(sched, calls=calls), 8, sched, steps=steps, return_trajectory=True,
+                  callback=lambda i, t, x_t, x0_hat: seen.append((i, t, x_t.shape, x0_hat.shape)))
+    ts = (list(range(199, -1, -1)) if sampler == "ddpm" else uniform_timesteps(200, 20) if sampler == "ddim"
+          else karras_timesteps(sched, 20))
+    if sampler == "heun":  # each step's start, then its end, except on the last step (to sigma = 0)
+        ts_calls = [u for t, t_next in itertools.pairwise(ts) for u in (t, t_next)] + [0]
+    assert [t for t, _ in calls] == (ts_calls if sampler == "heun" else ts)
+    assert [(i, t) for i, t, _, _ in seen] == list(enumerate(ts)) and seen[0][2:] == ((8, 2), (8, 2))
+    assert all(isinstance(f, Snapshot) for f in traj) and traj[0].t == 199 and traj[-1].t == 0
+    assert 5 <= len(traj) <= 12 and torch.equal(traj[-1].x0_hat, x)  # the last frame's x0 guess is the sample
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_clip_x0(sampler, sched):
+    """A model that always says x0 = 10, clipped to 1: the sample is 1. The deterministic samplers must also move x_t
+    consistently with the clipped x0, along x_t = a_t 1 + b_t eps with one fixed eps: (x_t - a_t) / b_t stays put."""
+    states = []
+    x = run(sampler, lambda x, t, c: torch.full_like(x, 10.0), 8, sched, steps=5 if sampler != "ddpm" else None,
+            prediction="x0", clip_x0=1.0, callback=lambda i, t, x_t, x0_hat: states.append((t, x_t.clone())))
+    torch.testing.assert_close(x, torch.ones(8, 2))
+    if sampler != "ddpm":
+        eps = [(x_t - sched.sqrt_alpha_bar[t]) / sched.sqrt_one_minus_alpha_bar[t] for t, x_t in states]
+        for e in eps[1:]:
+            torch.testing.assert_close(e.float(), eps[0].float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "ddpm"])
+def test_zero_terminal_snr_with_v_prediction_for_every_sampler(sampler):
+    z = NoiseSchedule.from_name("linear", 200, zero_terminal_snr=True)
+    n = 2000
+    x = run(sampler, GAUSS.model(z, "v"), n, z, prediction="v", steps=None if sampler == "ddpm" else 50)
+    assert torch.isfinite(x).all()
+    assert ((x.double().mean(0) - GAUSS.mean).abs() < 5 * (GAUSS.cov.diagonal() / n).sqrt()).all()
+
+
+def test_sample_errors(sched):
+    model = GAUSS.model(sched)
+
+    def bad(match, **kwargs):
+        with pytest.raises(ValueError, match=match):
+            sample(model, (4, 2), sched, **kwargs)
+
+    bad(r"unknown sampler 'dpm'; choose one of \('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m'\)", sampler="dpm")
+    for steps in (0, 201, 2.5, True, "50"):
+        bad(r"steps must be an int from 1 to T=200", sampler="ddim", steps=steps)
+    bad("strictly decreasing integers in", sampler="euler", steps=[0, 50, 199])
+    bad("strictly decreasing integers in", sampler="ddim", steps=[250, 0])
+    bad("strictly decreasing integers in", sampler="ddim", steps=[])
+    bad(r"eta=0.5 only applies to sampler='ddim'", sampler="heun", eta=0.5)
+    bad(r"eta must lie in \[0, 1\]", sampler="ddim", eta=1.5)
+    bad("unknown prediction type 'noise'", sampler="euler", prediction="noise")
+    with pytest.raises(ValueError, match="shape must be"):
+        sample(model, (4,), sched, "dpmpp_2m")
+    with pytest.raises(ValueError, match="needs both a context and an uncond_context"):
+        sample(model, (4, 2), sched, "heun", steps=3, context=torch.zeros(4, 1), guidance_scale=3.0)
+    z = NoiseSchedule.from_name("linear", 200, zero_terminal_snr=True)
+    for sampler in ("euler", "heun"):
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            sample(GAUSS.model(z, "v"), (4, 2), z, sampler, prediction="v")
+    with pytest.raises(ValueError, match="train with prediction='v'"):
+        sample(GAUSS.model(z), (4, 2), z, "ddim")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sampler", SAMPLERS[1:])
+def test_samplers_never_make_the_cpu_wait_for_the_gpu(sampler):
+    """As for DDPM: under sync-debug mode "error" any host-device synchronisation in a step raises."""
+    sched = NoiseSchedule.from_name("linear", 200).to("cuda")
+    model = oracle(sched, MU, S, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = sample(model, (N, 2), sched, sampler, generator=generator, device="cuda",
+                   eta=0.5 if sampler == "ddim" else 0.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ((x.mean(0).cpu() - MU).abs() < 5 * S.max() / math.sqrt(N)).all()
