@@ -20,6 +20,15 @@ from pathlib import Path
 from minildm.device import FAST_ENV
 
 
+def _add_sampler(p: argparse.ArgumentParser) -> None:
+    from minildm.samplers import SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm (all T steps, the default), ddim, euler, heun or dpmpp_2m (see minildm/samplers.py)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: all T for ddpm, 50 for the others; dpmpp_2m does well with 20)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help=f"tiny configs for a CPU (same as {FAST_ENV}=1); full mode targets one GPU")
@@ -108,7 +117,7 @@ def load_run(folder: Path, device):
 
 
 def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], judge_path: str | None = None,
-                 json_path: Path | None = None) -> dict:
+                 json_path: Path | None = None, sampler: str = "ddpm", steps: int | None = None) -> dict:
     """Stage 7 on a trained pipeline: the judge (loaded, or trained once per image size into the checkpoint
     folder), reconstruction PSNR and caption accuracy, then caption accuracy, FD and KID of n samples per guidance
     scale. Writes the result as JSON (default <folder>/evaluation.json) and returns it."""
@@ -132,7 +141,7 @@ def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], j
                                                                                                 n=n)}
     samples = evaluate_text_to_image(denoiser, schedule, autoencoder.cfg.latent_shape, rt, judge, autoencoder, n=n,
                                      guidance_scales=guidance_scales, prediction=diffusion_cfg.prediction,
-                                     keep_images=n)
+                                     keep_images=n, sampler=sampler, steps=steps)
     reference = judge.features(held_out_batch(n, size, rt.device, start=n)["image"])
     for scores in samples["by_guidance"].values():
         features = judge.features(scores.pop("images").to(rt.device))
@@ -150,7 +159,8 @@ def format_evaluation(result: dict) -> str:
     recon, real = first["judge_on_reconstructions"], first["judge_on_real"]
     lines = [(f"first stage, {first['n']} held-out images: PSNR {first['psnr']:.2f} dB; judge, objects right: "
              f"{100 * recon['object']:.1f}% of reconstructions, {100 * real['object']:.1f}% of the real images"),
-             (f"text to image, {t2i['n']} held-out captions (DDPM, 1 sample each); FD on the judge's features, "
+             (f"text to image, {t2i['n']} held-out captions ({t2i['sampler']}, {t2i['steps'] or 'default'} steps, "
+              "1 sample each); FD on the judge's features, "
              f"real-data floor {t2i['fd_real_floor']:.2f}:"),
              "  guidance | place  shape  colour  size | objects  captions | extra/img |    FD  FD/floor | KID",
              ]
@@ -167,7 +177,7 @@ def cmd_evaluate(args) -> int:
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
     result = evaluate_run(Path(args.run), rt, n=args.n, guidance_scales=tuple(args.guidance), judge_path=args.judge,
-                          json_path=Path(args.json) if args.json else None)
+                          json_path=Path(args.json) if args.json else None, sampler=args.sampler, steps=args.steps)
     print(format_evaluation(result))
     print(f"wrote {args.json or Path(args.run) / 'evaluation.json'}")
     return 0
@@ -183,7 +193,7 @@ def cmd_sample(args) -> int:
     captions = [c for c in args.caption for _ in range(args.n)]
     images = generate(denoiser, captions, schedule, autoencoder.cfg.latent_shape, rt,
                       prediction=diffusion_cfg.prediction, guidance_scale=args.guidance, autoencoder=autoencoder,
-                      seed=args.seed, progress=True)
+                      seed=args.seed, progress=True, sampler=args.sampler, steps=args.steps)
     path = save_grid(args.out, images, nrow=args.n, captions=captions)
     print(f"wrote {path}")
     return 0
@@ -272,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scales to evaluate (default: 1 3 5)")
     p.add_argument("--judge", default=None, help="a judge checkpoint to use instead of the cached one")
     p.add_argument("--json", default=None, help="where to write the results (default: RUN/evaluation.json)")
+    _add_sampler(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample images for your own captions from a trained pipeline",
@@ -282,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4, help="samples per caption")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--out", default="runs/samples.png")
+    _add_sampler(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("data", help="write a grid of images from a data set, with captions or labels",

@@ -24,7 +24,7 @@ from minildm.ema import EMA
 from minildm.judge import ShapesJudge, caption_accuracy
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import frechet_distance, psnr
-from minildm.samplers import ddpm_sample
+from minildm.samplers import sample
 from minildm.schedules import NoiseSchedule
 from minildm.text import TextConfig, WordTokenizer, drop_captions
 from minildm.train import Trainer
@@ -201,9 +201,11 @@ def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime
 def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, shape: tuple[int, int, int],
              runtime: Runtime, prediction: str = "eps", guidance_scale: float = 3.0,
              autoencoder: Autoencoder | None = None, seed: int = 0, return_trajectory: bool = False,
-             progress: bool = False, cuda_graph: bool | None = None):
-    """Sample one image per caption with DDPM and classifier-free guidance; decode latents if an
-    autoencoder is given. Returns images (B, 3, H, W) in [-1, 1] (and the trajectory if asked).
+             progress: bool = False, cuda_graph: bool | None = None, sampler: str = "ddpm",
+             steps: int | None = None, eta: float = 0.0):
+    """Sample one image per caption with classifier-free guidance and any sampler of `minildm.samplers`
+    (default: DDPM through all T steps; e.g. sampler="dpmpp_2m", steps=20); decode latents if an autoencoder is
+    given. Returns images (B, 3, H, W) in [-1, 1] (and the trajectory if asked).
     On CUDA the denoiser runs as a recorded CUDA graph (`device.cuda_graphed`; cuda_graph=False turns it off):
     same numbers, several times fewer seconds, since eager sampling at small batches is launch-bound."""
     denoiser.eval()
@@ -225,10 +227,10 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
         model = cuda_graphed(model, torch.zeros(len(ctx), *shape, device=runtime.device),
                              torch.zeros(len(ctx), dtype=torch.long, device=runtime.device), ctx)
 
-    result = ddpm_sample(model, (len(captions), *shape), schedule, context=context, prediction=prediction,
-                         generator=generator, device=runtime.device, guidance_scale=guidance_scale,
-                         uncond_context=uncond, return_trajectory=return_trajectory,
-                         clip_x0=None if autoencoder is not None else 1.0, progress=progress)
+    result = sample(model, (len(captions), *shape), schedule, sampler=sampler, steps=steps, eta=eta,
+                    context=context, prediction=prediction, generator=generator, device=runtime.device,
+                    guidance_scale=guidance_scale, uncond_context=uncond, return_trajectory=return_trajectory,
+                    clip_x0=None if autoencoder is not None else 1.0, progress=progress)
     x, trajectory = result if return_trajectory else (result, None)
     if autoencoder is not None:
         with runtime.autocast():
@@ -301,7 +303,7 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
                            runtime: Runtime, judge: ShapesJudge, autoencoder: Autoencoder | None = None,
                            n: int = 512, guidance_scales: tuple[float, ...] = (3.0,), prediction: str = "eps",
                            batch_size: int = 256, seed: int = 0, keep_images: int = 0,
-                           cuda_graph: bool | None = None) -> dict:
+                           cuda_graph: bool | None = None, sampler: str = "ddpm", steps: int | None = None) -> dict:
     """Sample one image for each of n held-out captions at every guidance scale and score them: caption accuracy
     (the judge), and Fréchet distance on the judge's features to a reference set of n other real held-out images,
     next to the real-data floor: the FD between the real images of the sampled captions and that same reference.
@@ -313,11 +315,13 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
     real = held_out_batch(n, size, runtime.device)
     reference = judge.features(held_out_batch(n, size, runtime.device, start=n)["image"])
     floor = frechet_distance(judge.features(real["image"]), reference)
-    result = {"n": n, "fd_real_floor": floor, "by_guidance": {}}
+    result = {"n": n, "sampler": sampler, "steps": steps or (schedule.T if sampler == "ddpm" else None),
+              "fd_real_floor": floor, "by_guidance": {}}
     for scale in guidance_scales:
         images = torch.cat([
             generate(denoiser, real["caption"][i:i + batch_size], schedule, shape, runtime, prediction=prediction,
-                     guidance_scale=scale, autoencoder=autoencoder, seed=seed + i, cuda_graph=cuda_graph)
+                     guidance_scale=scale, autoencoder=autoencoder, seed=seed + i, cuda_graph=cuda_graph,
+                     sampler=sampler, steps=steps)
             for i in range(0, n, batch_size)])
         if tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"the pipeline draws {images.shape[-1]} px images but the judge reads {size} px")

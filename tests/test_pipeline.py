@@ -185,10 +185,11 @@ def test_cli_evaluate_scores_a_run_and_refuses_bad_input(trained, tmp_path, monk
     (run / "diffusion_latent.pt").write_bytes((folder / "ldm.pt").read_bytes())
     assert main(["evaluate", str(run), "--fast", "--device", "cpu", "-n", "0"]) == 2
     assert "asked to evaluate 0 samples" in capsys.readouterr().err
-    args = ["evaluate", str(run), "--fast", "--device", "cpu", "-n", "8", "--guidance", "1", "4"]
+    args = ["evaluate", str(run), "--fast", "--device", "cpu", "-n", "8", "--guidance", "1", "4",
+            "--sampler", "dpmpp_2m", "--steps", "5"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "text to image, 8 held-out captions" in out and "     4.0 |" in out
+    assert "text to image, 8 held-out captions (dpmpp_2m, 5 steps" in out and "     4.0 |" in out
     result = json.loads((run / "evaluation.json").read_text())
     assert set(result["text_to_image"]["by_guidance"]) == {"1.0", "4.0"}
     judge = course_home / "checkpoints" / "fast" / "judge_32.pt"
