@@ -463,3 +463,71 @@ def test_stage07_checkers_leave_the_global_random_state_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+# ---- exercise 08 (samplers): correct answers and typical wrong ones --------------------------------------------
+
+
+from minildm import samplers
+from minildm.checks import stage08 as s08
+
+
+def ddim_step(x_t, eps, ab_t, ab_prev, eta, noise, mistake=None):
+    """The package's step after x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t); `mistake` makes one typical error."""
+    a, b = math.sqrt(ab_t), math.sqrt(1 - ab_t)
+    x0 = (x_t - b * eps) / a if mistake != "no sqrt in x0" else (x_t - (1 - ab_t) * eps) / ab_t
+    sigma = samplers.ddim_sigma(ab_t, ab_prev, eta)
+    if mistake == "beta sigma":
+        sigma = eta * math.sqrt(1 - ab_t / ab_prev)
+    if mistake == "swapped":
+        ab_t, ab_prev = ab_prev, ab_t
+    direction = math.sqrt(max(1 - ab_prev - (sigma**2 if mistake != "direction without sigma" else 0), 0))
+    noise_term = {"sigma^2 noise": sigma**2 * noise, "no noise": 0 * noise}.get(mistake, sigma * noise)
+    return math.sqrt(ab_prev) * x0 + direction * eps + noise_term
+
+
+def ddim_step_returns_x0(x_t, eps, ab_t, ab_prev, eta, noise):
+    return (x_t - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+
+
+def ddim_step_torch_sqrt(x_t, eps, ab_t, ab_prev, eta, noise):
+    return torch.sqrt(ab_prev) * ddim_step_returns_x0(x_t, eps, ab_t, ab_prev, eta, noise)
+
+
+STAGE08 = [
+    (s08.check_ddim_step, ddim_step, [
+        (ddim_step_returns_x0, "this is x0_hat itself"),
+        (lambda *a: ddim_step(*a, mistake="no sqrt in x0"), "square roots are missing"),
+        (lambda *a: ddim_step(*a, mistake="swapped"), "are swapped"),
+        (lambda *a: ddim_step(*a, mistake="direction without sigma"), "sigma is missing from the direction term"),
+        (lambda *a: ddim_step(*a, mistake="sigma^2 noise"), "multiplied by sigma\\^2"),
+        (lambda *a: ddim_step(*a, mistake="no noise"), "no noise was added"),
+        (lambda *a: ddim_step(*a, mistake="beta sigma"), "'beta' variance of DDPM"),
+        (ddim_step_torch_sqrt, "raised TypeError.*Python floats"),
+        (lambda *a: 1.001 * ddim_step(*a), "values are off"),
+    ]),
+    (s08.check_euler_step, samplers.euler_step, [
+        (lambda x, d, s, s_next: x - (s_next - s) * (x - d) / s, "moved away from the data"),
+        (lambda x, d, s, s_next: x + (s_next - s) * (d - x) / s, "moved away from the data"),
+        (lambda x, d, s, s_next: x + (s_next - s) * (x - d), "not divided by sigma"),
+        (lambda x, d, s, s_next: d, "you returned `denoised`"),
+        (lambda x, d, s, s_next: x + (s_next - s) * (x - d) / s_next, "divided by sigma_next"),
+        (lambda x, d, s, s_next: samplers.euler_step(x, d, s, s_next) if s_next > 0 else x - s * (x - d) / s_next,
+         "got inf or NaN"),
+        (lambda x, d, s, s_next: samplers.euler_step(x, d, s, s_next).double(), "expected dtype torch.float32"),
+    ]),
+]
+
+
+@pytest.mark.parametrize("checker, correct, wrong", STAGE08, ids=lambda x: getattr(x, "__name__", ""))
+def test_stage08_checker_accepts_correct_answers_and_rejects_wrong_ones(checker, correct, wrong, capsys):
+    test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
+
+
+def test_stage08_checkers_leave_the_global_random_state_alone():
+    torch.manual_seed(0)
+    for checker, correct, _ in STAGE08:
+        checker(correct)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
