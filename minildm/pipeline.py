@@ -24,7 +24,7 @@ from minildm.ema import EMA
 from minildm.judge import ShapesJudge, caption_accuracy
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import frechet_distance, psnr
-from minildm.samplers import sample
+from minildm.samplers import DEFAULT_STEPS, sample
 from minildm.schedules import NoiseSchedule
 from minildm.text import TextConfig, WordTokenizer, drop_captions
 from minildm.train import Trainer
@@ -315,7 +315,8 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
     real = held_out_batch(n, size, runtime.device)
     reference = judge.features(held_out_batch(n, size, runtime.device, start=n)["image"])
     floor = frechet_distance(judge.features(real["image"]), reference)
-    result = {"n": n, "sampler": sampler, "steps": steps or (schedule.T if sampler == "ddpm" else None),
+    asked = steps or (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T))
+    result = {"n": n, "sampler": sampler, "steps": asked,  # Karras-spaced samplers may merge a few
               "fd_real_floor": floor, "by_guidance": {}}
     for scale in guidance_scales:
         images = torch.cat([
