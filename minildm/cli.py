@@ -159,7 +159,7 @@ def format_evaluation(result: dict) -> str:
     recon, real = first["judge_on_reconstructions"], first["judge_on_real"]
     lines = [(f"first stage, {first['n']} held-out images: PSNR {first['psnr']:.2f} dB; judge, objects right: "
              f"{100 * recon['object']:.1f}% of reconstructions, {100 * real['object']:.1f}% of the real images"),
-             (f"text to image, {t2i['n']} held-out captions ({t2i['sampler']}, {t2i['steps'] or 'default'} steps, "
+             (f"text to image, {t2i['n']} held-out captions ({t2i['sampler']}, {t2i['steps']} steps, "
               "1 sample each); FD on the judge's features, "
              f"real-data floor {t2i['fd_real_floor']:.2f}:"),
              "  guidance | place  shape  colour  size | objects  captions | extra/img |    FD  FD/floor | KID",
