@@ -144,8 +144,8 @@ def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], j
                                      keep_images=n, sampler=sampler, steps=steps)
     reference = judge.features(held_out_batch(n, size, rt.device, start=n)["image"])
     for scores in samples["by_guidance"].values():
-        features = judge.features(scores.pop("images").to(rt.device))
-        scores.pop("read")
+        features = judge.features(scores.pop("samples").to(rt.device))
+        scores.pop("reads")
         scores["kid"], scores["kid_std"] = kid(features, reference, subsets=50, subset_size=min(n, 256))
     result["text_to_image"] = {k: v for k, v in samples.items() if k not in ("captions", "attributes")}
     path = json_path or folder / "evaluation.json"

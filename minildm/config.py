@@ -50,7 +50,7 @@ def autoencoder_recipe(regularizer: str = "kl", f: int = 4, fast: bool | None = 
         return AutoencoderRecipe(
             model=AutoencoderConfig(image_size=32, base_channels=16, channel_mult=channel_mult_for(f),
                                     num_res_blocks=1, regularizer=regularizer, codebook_size=64),
-            loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.5, disc_start=30, disc_channels=16,
+            loss=AutoencoderLossConfig(perceptual_weight=0.1, disc_weight=0.0, disc_start=30, disc_channels=16,
                                       disc_ramp=5),
             train=TrainConfig(steps=40, batch_size=16, lr=1e-3, ckpt_every=20, log_every=5),
             data=ShapesConfig(image_size=32),

@@ -330,8 +330,8 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
         fd = frechet_distance(judge.features(images), reference)
         scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12))
         if keep_images:
-            scores["images"] = images[:keep_images].cpu()
-            scores["read"] = judge.read(images[:keep_images]).cpu()
+            scores["samples"] = images[:keep_images].cpu()  # ("images" is the count of images scored)
+            scores["reads"] = judge.read(images[:keep_images]).cpu()
         result["by_guidance"][scale] = scores
     result["captions"] = real["caption"]
     result["attributes"] = real["attributes"].cpu()
