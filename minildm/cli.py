@@ -26,7 +26,7 @@ def _add_sampler(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm (all T steps, the default), ddim, euler, heun or dpmpp_2m (see minildm/samplers.py)")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: all T for ddpm, 50 for the others; dpmpp_2m does well with 20)")
+                   help="sampling steps (default: all T for ddpm, 50 for the others)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
