@@ -92,3 +92,52 @@ def explore(draw, **controls):
     handle = display(figure(), display_id=True)
     for control in controls.values():
         control.observe(lambda _change: handle.update(figure()), names="value")
+
+
+def show_readings(images: torch.Tensor, reads: torch.Tensor, attributes: torch.Tensor | None = None,
+                  captions: list[str] | None = None, ncol: int = 8, title: str | None = None, scale: float = 1.9,
+                  row_names: list[str] | None = None):
+    """Shapes images with what the judge reads (`ShapesJudge.read`, (B, 9, 3)) written into each grid cell.
+
+    With the captioned `attributes` (B, 3, 4), cells read wrong are red ("missed" where an object was not seen)
+    and each image gets a green frame when the judge reads exactly its caption, red otherwise. `row_names` label
+    the rows (one per `ncol` images). Returns the figure."""
+    from minildm.data.shapes import COLOUR_NAMES, SHAPES, SIZES
+    from minildm.judge import cell_labels
+
+    n, S = len(images), images.shape[-1]
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(scale * ncol, scale * nrow * (1.45 if captions else 1.0)),
+                             squeeze=False)
+    reads = reads.cpu()
+    truth = cell_labels(attributes.cpu()) if attributes is not None else None
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= n:
+            ax.axis("off")
+            continue
+        ax.imshow(to_numpy_image(images[i:i + 1], nrow=1, padding=0))
+        for k in range(9):  # the 3x3 cells, row-major
+            right = truth is None or bool((reads[i, k] == truth[i, k]).all())
+            shape, colour, size = reads[i, k].tolist()
+            if shape < 0 and right:
+                continue
+            text = f"{SIZES[size]} {COLOUR_NAMES[colour]}\n{SHAPES[shape]}" if shape >= 0 else "missed"
+            row, col = divmod(k, 3)
+            ax.text((col + 0.5) * S / 3 - 0.5, (row + 0.78) * S / 3 - 0.5, text, ha="center", va="center",
+                    fontsize=5, linespacing=0.9, color="white" if right else "#ff4040", clip_on=True,
+                    bbox={"facecolor": "black", "alpha": 0.45, "pad": 0.5, "edgecolor": "none"})
+        if truth is not None:
+            for spine in ax.spines.values():
+                spine.set_edgecolor("limegreen" if bool((reads[i] == truth[i]).all()) else "red")
+                spine.set_linewidth(3)
+        if captions is not None:
+            ax.set_title("\n".join(textwrap.wrap(captions[i], 28)), fontsize=6)
+        if row_names is not None and i % ncol == 0:
+            ax.set_ylabel(row_names[i // ncol], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
