@@ -125,8 +125,7 @@ def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], j
 
     from minildm.config import checkpoint_dir
     from minildm.judge import judge_for, load_judge
-    from minildm.metrics import kid
-    from minildm.pipeline import evaluate_autoencoder, evaluate_text_to_image, held_out_batch
+    from minildm.pipeline import evaluate_autoencoder, evaluate_text_to_image
 
     if n < 2:
         raise ValueError(f"asked to evaluate {n} samples; caption accuracy and FD need at least 2 (e.g. -n 512)")
@@ -141,12 +140,7 @@ def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], j
                                                                                                 n=n)}
     samples = evaluate_text_to_image(denoiser, schedule, autoencoder.cfg.latent_shape, rt, judge, autoencoder, n=n,
                                      guidance_scales=guidance_scales, prediction=diffusion_cfg.prediction,
-                                     keep_images=n, sampler=sampler, steps=steps)
-    reference = judge.features(held_out_batch(n, size, rt.device, start=n)["image"])
-    for scores in samples["by_guidance"].values():
-        features = judge.features(scores.pop("samples").to(rt.device))
-        scores.pop("reads")
-        scores["kid"], scores["kid_std"] = kid(features, reference, subsets=50, subset_size=min(n, 256))
+                                     sampler=sampler, steps=steps)
     result["text_to_image"] = {k: v for k, v in samples.items() if k not in ("captions", "attributes")}
     path = json_path or folder / "evaluation.json"
     path.write_text(json.dumps(result, indent=1))

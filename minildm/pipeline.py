@@ -23,7 +23,7 @@ from minildm.diffusion import DiffusionConfig, diffusion_loss
 from minildm.ema import EMA
 from minildm.judge import ShapesJudge, caption_accuracy
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
-from minildm.metrics import frechet_distance, psnr
+from minildm.metrics import frechet_distance, kid, psnr
 from minildm.samplers import DEFAULT_STEPS, sample
 from minildm.schedules import NoiseSchedule
 from minildm.text import TextConfig, WordTokenizer, drop_captions
@@ -73,19 +73,22 @@ def shapes_batch_fn(data_cfg: ShapesConfig, batch_size: int, device):
 
 
 @torch.no_grad()
+def reconstruct(autoencoder: Autoencoder, images: torch.Tensor, runtime: Runtime, batch_size: int = 128) -> torch.Tensor:
+    """The autoencoder's reconstructions (posterior mean) of images (B, C, H, W), in batches, clamped to [-1, 1]."""
+    autoencoder.eval()
+    recons = []
+    for x in images.split(batch_size):
+        with runtime.autocast():
+            recons.append(autoencoder(x, sample=False).recon.float().clamp(-1, 1))
+    return torch.cat(recons)
+
+
 def evaluate_reconstruction(autoencoder: Autoencoder, data_cfg: ShapesConfig, runtime: Runtime,
                             n: int = 256, batch_size: int = 64) -> torch.Tensor:
     """Per-image PSNR (dB) of the autoencoder's reconstructions of `n` held-out Shapes images
     (seed HOLDOUT_SEED, never seen in training), using the posterior mean."""
-    autoencoder.eval()
-    held_out = ShapesDataset(ShapesConfig(image_size=data_cfg.image_size, seed=HOLDOUT_SEED))
-    scores = []
-    for start in range(0, n, batch_size):
-        x = held_out.batch(range(start, min(start + batch_size, n)), device=runtime.device)["image"]
-        with runtime.autocast():
-            recon = autoencoder(x, sample=False).recon
-        scores.append(psnr(x, recon.float().clamp(-1, 1)).cpu())
-    return torch.cat(scores)
+    x = held_out_batch(n, data_cfg.image_size, runtime.device)["image"]
+    return psnr(x, reconstruct(autoencoder, x, runtime, batch_size)).cpu()
 
 
 def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: str | Path,
@@ -286,13 +289,8 @@ def evaluate_autoencoder(autoencoder: Autoencoder, judge: ShapesJudge, runtime: 
                          batch_size: int = 128) -> dict:
     """Reconstructions of n held-out images: mean PSNR (dB) and caption accuracy as the judge reads them (the
     first stage caps what latent diffusion can draw), next to the judge on the real images themselves."""
-    autoencoder.eval()
     real = held_out_batch(n, judge.cfg.image_size, runtime.device)
-    recons = []
-    for x in real["image"].split(batch_size):
-        with runtime.autocast():
-            recons.append(autoencoder(x, sample=False).recon.float().clamp(-1, 1))
-    recon = torch.cat(recons)
+    recon = reconstruct(autoencoder, real["image"], runtime, batch_size)
     return {"n": n, "psnr": psnr(real["image"], recon).mean().item(),
             "judge_on_real": caption_accuracy(judge.read(real["image"]), real["attributes"]),
             "judge_on_reconstructions": caption_accuracy(judge.read(recon), real["attributes"])}
@@ -305,7 +303,7 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
                            batch_size: int = 256, seed: int = 0, keep_images: int = 0,
                            cuda_graph: bool | None = None, sampler: str = "ddpm", steps: int | None = None) -> dict:
     """Sample one image for each of n held-out captions at every guidance scale and score them: caption accuracy
-    (the judge), and Fréchet distance on the judge's features to a reference set of n other real held-out images,
+    (the judge), and Fréchet distance and KID on the judge's features to a reference set of n other real held-out images,
     next to the real-data floor: the FD between the real images of the sampled captions and that same reference.
     The samples and the floor's real images share their captions (and so their layouts); the reference shares
     none, so "FD / floor" compares like with like (1 = as close to real data as real data is)."""
@@ -327,8 +325,10 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
         if tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"the pipeline draws {images.shape[-1]} px images but the judge reads {size} px")
         scores = caption_accuracy(judge.read(images), real["attributes"])
-        fd = frechet_distance(judge.features(images), reference)
-        scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12))
+        features = judge.features(images)
+        fd = frechet_distance(features, reference)
+        kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=min(n, 256))
+        scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12), kid=kid_mean, kid_std=kid_std)
         if keep_images:
             scores["samples"] = images[:keep_images].cpu()  # ("images" is the count of images scored)
             scores["reads"] = judge.read(images[:keep_images]).cpu()
