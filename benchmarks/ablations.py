@@ -46,6 +46,10 @@ DIFFUSION_VARIANTS = {  # name -> (TextConfig changes, UNetConfig changes, Train
     "mask_attn0_deep_text": ({"depth": 4}, {"attention_levels": (0, 1, 2)}, {}),
     "mask_attn0_lr": ({}, {"attention_levels": (0, 1, 2)}, {"lr": 5e-4}),
     "mask_unit_token_init": ({}, {}, {}),  # token embeddings drawn from N(0, 1) (nn.Embedding's default)
+    "posemb": ({}, {"position_embedding": True}, {}),
+    "posemb_lr": ({}, {"position_embedding": True}, {"lr": 5e-4}),
+    "posemb_attn0": ({}, {"position_embedding": True, "attention_levels": (0, 1, 2)}, {}),
+    "posemb_deep_text": ({"depth": 4}, {"position_embedding": True}, {}),
 }
 
 
@@ -120,22 +124,28 @@ def cmd_diffusion(args) -> None:
     recipe.text = dataclasses.replace(recipe.text, **text)
     recipe.unet = dataclasses.replace(recipe.unet, **unet)
     recipe.train = dataclasses.replace(recipe.train, **train)
-    if args.seconds:
-        recipe.train.max_seconds = args.seconds
+    budgets = args.curve or [args.seconds or recipe.train.max_seconds]
+    judge = None
+    kwargs = {"n": args.n, "guidance_scales": tuple(args.guidance), "prediction": recipe.diffusion.prediction,
+              "sampler": args.sampler, "steps": args.steps}
     start = time.perf_counter()
-    denoiser, schedule, history = train_diffusion(recipe, rt, args.out / f"ldm_{args.variant}.pt", autoencoder,
-                                                  progress=False)
-    seconds = time.perf_counter() - start
-    judge = load_judge(args.out / f"judge_{image_size(rt)}.pt", rt.device)
-    kwargs = {"n": args.n, "guidance_scales": tuple(args.guidance), "prediction": recipe.diffusion.prediction}
-    try:
-        scores = evaluate_text_to_image(denoiser, schedule, shape, rt, judge, autoencoder, **kwargs)
-    except RuntimeError as e:  # keep the run's numbers if graph capture fails; the error is printed
-        print(f"CUDA-graph sampling failed ({e}); sampling eagerly", flush=True)
-        scores = evaluate_text_to_image(denoiser, schedule, shape, rt, judge, autoencoder, cuda_graph=False, **kwargs)
-    scores.pop("captions"), scores.pop("attributes")
-    write(args.out, f"ldm_{args.variant}", {"variant": args.variant, "seconds": seconds,
-                                            "steps": history[-1]["step"], "loss": history[-1]["loss"], **scores})
+    for budget in budgets:  # a learning curve: train to each budget in turn (resuming), evaluate at each
+        recipe.train.max_seconds = budget
+        denoiser, schedule, history = train_diffusion(recipe, rt, args.out / f"ldm_{args.variant}.pt", autoencoder,
+                                                      progress=False)
+        seconds = time.perf_counter() - start
+        judge = judge or load_judge(args.out / f"judge_{image_size(rt)}.pt", rt.device)
+        try:
+            scores = evaluate_text_to_image(denoiser, schedule, shape, rt, judge, autoencoder, **kwargs)
+        except RuntimeError as e:  # keep the run's numbers if graph capture fails; the error is printed
+            print(f"CUDA-graph sampling failed ({e}); sampling eagerly", flush=True)
+            scores = evaluate_text_to_image(denoiser, schedule, shape, rt, judge, autoencoder, cuda_graph=False,
+                                            **kwargs)
+        scores.pop("captions"), scores.pop("attributes")
+        write(args.out, f"ldm_{args.variant}", {"variant": args.variant, "train_budget_s": budget,
+                                                "seconds": seconds, "train_steps": history[-1]["step"],
+                                                "loss": history[-1]["loss"], "sampler": args.sampler,
+                                                "sampler_steps": args.steps, **scores})
 
 
 def main() -> None:
@@ -152,6 +162,10 @@ def main() -> None:
     p.add_argument("--ae", type=Path, required=True)
     p.add_argument("-n", type=int, default=256)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 6.0])
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
+    p.add_argument("--curve", type=float, nargs="+", default=None,
+                   help="training budgets in seconds: train to each in turn and evaluate at each")
     p.set_defaults(func=cmd_diffusion)
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=Path("runs/ablations"))

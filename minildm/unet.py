@@ -190,19 +190,44 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def position_embedding_2d(h: int, w: int, dim: int, device=None, max_frequency: float = 32.0) -> torch.Tensor:
+    """Fixed sin-cos features of where each of the h*w tokens sits: (h*w, dim), row-major like the tokens.
+
+    A token's centre (x, y) in [0, 1]^2 becomes [sin(pi f x), cos(pi f x), sin(pi f y), cos(pi f y)] for dim // 4
+    frequencies f spaced geometrically from 1 to `max_frequency` (zeros fill dim % 4 columns). As in the 2D
+    sin-cos embeddings of ViT-style models (e.g. DiT, Peebles & Xie 2023, Sec. 3.2), but on coordinates relative to
+    the image, so the same place gets the same features at every resolution of the UNet.
+    """
+    quarter = dim // 4
+    freqs = torch.pi * torch.logspace(0, math.log10(max_frequency), quarter, device=device)  # (dim/4,)
+    ys = (torch.arange(h, device=device) + 0.5) / h
+    xs = (torch.arange(w, device=device) + 0.5) / w
+    y, x = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
+    angles_x = x.reshape(-1, 1) * freqs  # (h*w, dim/4)
+    angles_y = y.reshape(-1, 1) * freqs
+    emb = torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], dim=1)
+    return F.pad(emb, (0, dim - 4 * quarter))
+
+
 class SpatialTransformer(nn.Module):
     """The LDM SpatialTransformer (Rombach et al. 2022, Sec. 3.3): image features as a sequence of tokens.
 
-    x (B, C, H, W) -> GroupNorm -> tokens (B, H*W, C) -> 1x1 projection -> `depth` TransformerBlocks
-    -> 1x1 projection back (zero-initialised) -> (B, C, H, W), added to x. The 1x1 convolutions are
-    written as Linear layers on the tokens, which is the same map.
+    x (B, C, H, W) -> GroupNorm -> tokens (B, H*W, C) -> 1x1 projection [+ position embedding] -> `depth`
+    TransformerBlocks -> 1x1 projection back (zero-initialised) -> (B, C, H, W), added to x. The 1x1 convolutions
+    are written as Linear layers on the tokens, which is the same map.
+
+    With `position_embedding`, each token also carries where it sits (`position_embedding_2d`), so a query can ask
+    the caption for "what belongs at the top left" directly; without it, the convolutions must infer their place
+    from the zero padding at the image's border.
     """
 
-    def __init__(self, channels: int, heads: int, head_dim: int, depth: int = 1, context_dim: int | None = None):
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int = 1, context_dim: int | None = None,
+                 position_embedding: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.norm = group_norm(channels)
         self.proj_in = nn.Linear(channels, inner)
+        self.position_embedding = position_embedding
         self.blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
         self.proj_out = zero_init(nn.Linear(inner, channels))
 
@@ -210,6 +235,8 @@ class SpatialTransformer(nn.Module):
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         tokens = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))  # (B, H*W, inner)
+        if self.position_embedding:
+            tokens = tokens + position_embedding_2d(h, w, tokens.shape[-1], x.device).to(tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens, context, context_mask)
         return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
@@ -248,6 +275,7 @@ class UNetConfig:
     - attention_levels: the levels whose ResBlocks are each followed by a SpatialTransformer; the middle
       block always has one.
     - heads: attention heads; the head width is channels // heads at each level.
+    - position_embedding: add fixed 2D sin-cos position features to the tokens of every SpatialTransformer.
     - context_dim: None for an unconditional UNet; an int for cross-attention to a (B, L, context_dim)
       sequence (class embeddings or text features).
     - num_timesteps: the number of diffusion steps T, for checking that t lies in [0, T - 1]
@@ -264,6 +292,7 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (1, 2)
     heads: int = 4
     transformer_depth: int = 1
+    position_embedding: bool = False
     context_dim: int | None = None
     dropout: float = 0.0
     num_timesteps: int | None = 1000
@@ -324,8 +353,8 @@ class UNet(nn.Module):
         def block(in_ch: int, out_ch: int, attend: bool) -> list[nn.Module]:
             layers: list[nn.Module] = [ResBlock(in_ch, out_ch, time_dim, cfg.dropout)]
             if attend:
-                layers.append(SpatialTransformer(out_ch, cfg.heads, out_ch // cfg.heads,
-                                                 cfg.transformer_depth, cfg.context_dim))
+                layers.append(SpatialTransformer(out_ch, cfg.heads, out_ch // cfg.heads, cfg.transformer_depth,
+                                                 cfg.context_dim, cfg.position_embedding))
             return layers
 
         self.down = nn.ModuleList()

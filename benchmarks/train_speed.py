@@ -1,0 +1,174 @@
+"""How fast do the full-mode training steps run, and what would make them faster? (issue 10)
+
+    python benchmarks/train_speed.py --out runs/speed          # on a GPU; prints a table, writes speed.jsonl
+
+Measures, side by side in one process on one GPU, images per second of one training step (forward, backward,
+optimiser, EMA) of the full-mode recipes:
+
+- diffusion (text encoder + UNet on 4x16x16 latents, batch 256) and the autoencoder (64 px, batch 64);
+- as shipped (data drawn and encoded every step) and on one fixed batch (the model alone);
+- the model alone in NCHW and in channels-last memory format, eager and under `torch.compile`;
+
+and converts images/s into model FLOP/s (counted with torch's FlopCounterMode) and a fraction of the GPU's bf16
+dense peak (--peak-tflops, default 989 for an H100/H200 SXM: NVIDIA's data sheet figure without sparsity).
+It also counts host-device synchronisations in one step (each one stalls the CPU that queues the kernels) and
+writes a torch.profiler table of the slowest kernels of the eager step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from minildm.config import autoencoder_recipe, diffusion_recipe
+from minildm.device import setup
+from minildm.pipeline import AutoencoderTask, DiffusionTask, diffusion_batch_fn, shapes_batch_fn
+from minildm.train import Trainer
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(step, batch_size: int, seconds: float, warmup: int = 5) -> float:
+    """images/s of step() over about `seconds`, after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+        if n % 10 == 0:
+            sync()
+    sync()
+    return n * batch_size / (time.perf_counter() - t0)
+
+
+def count_syncs(step) -> int:
+    """How many times one call of step() makes the host wait for the device."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def flops_per_image(step, batch_size: int) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / batch_size
+
+
+def make_diffusion(rt, channels_last: bool, compiled: bool):
+    recipe = diffusion_recipe("latent", fast=rt.fast)
+    task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
+    trainer = Trainer(task, recipe.train, rt)
+    if channels_last:
+        task.to(memory_format=torch.channels_last)
+    if compiled:
+        task.denoiser.unet.compile()
+    return trainer, recipe
+
+
+def make_autoencoder(rt, channels_last: bool, compiled: bool):
+    recipe = autoencoder_recipe(fast=rt.fast)
+    task = AutoencoderTask(recipe.model, recipe.loss)
+    trainer = Trainer(task, recipe.train, rt)
+    if channels_last:
+        task.to(memory_format=torch.channels_last)
+    if compiled:
+        task.autoencoder.compile()
+    return trainer, recipe
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/speed"))
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per variant")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--fast", action="store_true", help="the fast-mode recipes (a smoke test on a CPU)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rt = setup(0, fast=args.fast)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = []
+
+    def record(model: str, variant: str, images_per_s: float, flops: float, **extra) -> None:
+        row = {"gpu": gpu, "torch": torch.__version__, "model": model, "variant": variant,
+               "images_per_s": round(images_per_s, 1), "tflops": round(images_per_s * flops / 1e12, 2),
+               "fraction_of_peak": round(images_per_s * flops / 1e12 / args.peak_tflops, 4), **extra}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out / "speed.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    for model, make, batch_fn in (
+            ("diffusion", make_diffusion,
+             lambda recipe, ae: diffusion_batch_fn(recipe.data, recipe.train.batch_size, rt, ae)),
+            ("autoencoder", make_autoencoder,
+             lambda recipe, ae: shapes_batch_fn(recipe.data, recipe.train.batch_size, rt.device))):
+        variants = [("eager", False, False), ("eager channels_last", True, False)]
+        if not args.skip_compile:
+            variants += [("compiled", False, True), ("compiled channels_last", True, True)]
+        flops = None
+        for name, channels_last, compiled in variants:
+            trainer, recipe = make(rt, channels_last, compiled)
+            ae = None
+            if model == "diffusion":  # an untrained first stage costs the same to run as a trained one
+                ae = make_autoencoder(rt, False, False)[0].task.autoencoder.eval()
+            batches = batch_fn(recipe, ae)
+            fixed = batches(0)
+            if channels_last and model == "autoencoder":
+                fixed["image"] = fixed["image"].contiguous(memory_format=torch.channels_last)
+            bs = recipe.train.batch_size
+            t0 = time.perf_counter()
+            trainer.train_step(fixed)
+            sync()
+            first_step_s = time.perf_counter() - t0  # includes compilation
+            if flops is None:
+                flops = flops_per_image(lambda: trainer.train_step(fixed), bs)
+            extra = {"batch_size": bs, "first_step_s": round(first_step_s, 1),
+                     "syncs_per_step": count_syncs(lambda: trainer.train_step(fixed)),
+                     "gflop_per_image": round(flops / 1e9, 2)}
+            record(model, name + " (fixed batch)", time_steps(lambda: trainer.train_step(fixed), bs, args.seconds),
+                   flops, **extra)
+            if name == "eager":
+                step = iter(range(1, 10**9))
+                record(model, "eager (as shipped: data every step)",
+                       time_steps(lambda: trainer.train_step(batches(next(step))), bs, args.seconds), flops,
+                       batch_size=bs)
+                data_only = time_steps(lambda: batches(next(step)), bs, args.seconds / 2)
+                record(model, "data alone (draw + encode)", data_only, 0.0, batch_size=bs)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        trainer.train_step(fixed)
+                    sync()
+                table = prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total", row_limit=25)
+                (args.out / f"profile_{model}.txt").write_text(table)
+                print(table[:6000], flush=True)
+            del trainer
+            torch.cuda.empty_cache()
+
+    print(f"\n{gpu}, torch {torch.__version__}, bf16 autocast; peak {args.peak_tflops} TFLOP/s")
+    print(f"{'model':12s} {'variant':42s} {'images/s':>9s} {'TFLOP/s':>8s} {'% peak':>7s}")
+    for r in results:
+        print(f"{r['model']:12s} {r['variant']:42s} {r['images_per_s']:9.0f} {r['tflops']:8.1f} "
+              f"{100 * r['fraction_of_peak']:6.1f}%")
+
+
+if __name__ == "__main__":
+    main()
