@@ -94,6 +94,52 @@ def make_autoencoder(rt, channels_last: bool, compiled: bool):
     return trainer, recipe
 
 
+def profile_table(step, out: Path) -> str:
+    """torch.profiler's table of the kernels three calls of step() run, slowest first."""
+    cuda = torch.cuda.is_available()
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+    out.write_text(table)
+    return table
+
+
+def bench_variant(rt, args, record, model, make, batch_fn, name, channels_last, compiled, flops):
+    """Time one variant (and, for eager, the shipped loop, the data alone and a profile); returns FLOP/image."""
+    trainer, recipe = make(rt, channels_last, compiled)
+    ae = None
+    if model == "diffusion":  # an untrained first stage costs the same to run as a trained one
+        ae = make_autoencoder(rt, False, False)[0].task.autoencoder.eval()
+    batches = batch_fn(recipe, ae)
+    fixed = batches(0)
+    if channels_last and model == "autoencoder":
+        fixed["image"] = fixed["image"].contiguous(memory_format=torch.channels_last)
+    bs = recipe.train.batch_size
+
+    def step():
+        trainer.train_step(fixed)
+
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first_step_s = time.perf_counter() - t0  # includes compilation
+    flops = flops or flops_per_image(step, bs)
+    extra = {"batch_size": bs, "first_step_s": round(first_step_s, 1), "syncs_per_step": count_syncs(step),
+             "gflop_per_image": round(flops / 1e9, 2)}
+    record(model, name + " (fixed batch)", time_steps(step, bs, args.seconds), flops, **extra)
+    if name == "eager":
+        counter = iter(range(1, 10**9))
+        record(model, "eager (as shipped: data every step)",
+               time_steps(lambda: trainer.train_step(batches(next(counter))), bs, args.seconds), flops, batch_size=bs)
+        record(model, "data alone (draw + encode)", time_steps(lambda: batches(next(counter)), bs, args.seconds / 2),
+               0.0, batch_size=bs)
+        print(profile_table(step, args.out / f"profile_{model}.txt")[:6000], flush=True)
+    return flops
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/speed"))
@@ -126,41 +172,7 @@ def main(argv=None) -> None:
             variants += [("compiled", False, True), ("compiled channels_last", True, True)]
         flops = None
         for name, channels_last, compiled in variants:
-            trainer, recipe = make(rt, channels_last, compiled)
-            ae = None
-            if model == "diffusion":  # an untrained first stage costs the same to run as a trained one
-                ae = make_autoencoder(rt, False, False)[0].task.autoencoder.eval()
-            batches = batch_fn(recipe, ae)
-            fixed = batches(0)
-            if channels_last and model == "autoencoder":
-                fixed["image"] = fixed["image"].contiguous(memory_format=torch.channels_last)
-            bs = recipe.train.batch_size
-            t0 = time.perf_counter()
-            trainer.train_step(fixed)
-            sync()
-            first_step_s = time.perf_counter() - t0  # includes compilation
-            if flops is None:
-                flops = flops_per_image(lambda: trainer.train_step(fixed), bs)
-            extra = {"batch_size": bs, "first_step_s": round(first_step_s, 1),
-                     "syncs_per_step": count_syncs(lambda: trainer.train_step(fixed)),
-                     "gflop_per_image": round(flops / 1e9, 2)}
-            record(model, name + " (fixed batch)", time_steps(lambda: trainer.train_step(fixed), bs, args.seconds),
-                   flops, **extra)
-            if name == "eager":
-                step = iter(range(1, 10**9))
-                record(model, "eager (as shipped: data every step)",
-                       time_steps(lambda: trainer.train_step(batches(next(step))), bs, args.seconds), flops,
-                       batch_size=bs)
-                data_only = time_steps(lambda: batches(next(step)), bs, args.seconds / 2)
-                record(model, "data alone (draw + encode)", data_only, 0.0, batch_size=bs)
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU]) as prof:
-                    for _ in range(3):
-                        trainer.train_step(fixed)
-                    sync()
-                table = prof.key_averages().table(sort_by="cuda_time_total" if torch.cuda.is_available() else "cpu_time_total", row_limit=25)
-                (args.out / f"profile_{model}.txt").write_text(table)
-                print(table[:6000], flush=True)
-            del trainer
+            flops = bench_variant(rt, args, record, model, make, batch_fn, name, channels_last, compiled, flops)
             torch.cuda.empty_cache()
 
     print(f"\n{gpu}, torch {torch.__version__}, bf16 autocast; peak {args.peak_tflops} TFLOP/s")
