@@ -39,17 +39,17 @@ AE_VARIANTS = {  # name -> changes to the default AutoencoderLossConfig
     "no_gan": {"disc_weight": 0.0},
     "old_gan": {"disc_betas": (0.9, 0.999), "disc_ramp": 1, "max_adaptive_weight": 1e4, "disc_fp32": False},
 }
-DIFFUSION_VARIANTS = {  # name -> (TextConfig changes, UNetConfig changes, TrainConfig changes)
-    "old": ({"mask_padding": False}, {}, {}),
-    "mask": ({}, {}, {}),
-    "mask_attn0": ({}, {"attention_levels": (0, 1, 2)}, {}),
-    "mask_attn0_deep_text": ({"depth": 4}, {"attention_levels": (0, 1, 2)}, {}),
-    "mask_attn0_lr": ({}, {"attention_levels": (0, 1, 2)}, {"lr": 5e-4}),
-    "mask_unit_token_init": ({}, {}, {}),  # token embeddings drawn from N(0, 1) (nn.Embedding's default)
-    "posemb": ({}, {"position_embedding": True}, {}),
-    "posemb_lr": ({}, {"position_embedding": True}, {"lr": 5e-4}),
-    "posemb_attn0": ({}, {"position_embedding": True, "attention_levels": (0, 1, 2)}, {}),
-    "posemb_deep_text": ({"depth": 4}, {"position_embedding": True}, {}),
+DIFFUSION_VARIANTS = {  # name -> (TextConfig changes, UNetConfig changes, TrainConfig changes) to the recipe
+    "old": ({"mask_padding": False}, {"position_embedding": False}, {}),
+    "mask": ({}, {"position_embedding": False}, {}),
+    "mask_attn0": ({}, {"attention_levels": (0, 1, 2), "position_embedding": False}, {}),
+    "mask_attn0_deep_text": ({"depth": 4}, {"attention_levels": (0, 1, 2), "position_embedding": False}, {}),
+    "mask_attn0_lr": ({}, {"attention_levels": (0, 1, 2), "position_embedding": False}, {"lr": 5e-4}),
+    "mask_unit_token_init": ({}, {"position_embedding": False}, {}),  # token embeddings drawn from N(0, 1)
+    "posemb": ({}, {}, {}),  # the recipe since ablation 4
+    "posemb_lr": ({}, {}, {"lr": 5e-4}),
+    "posemb_attn0": ({}, {"attention_levels": (0, 1, 2)}, {}),
+    "posemb_deep_text": ({"depth": 4}, {}, {}),
 }
 
 

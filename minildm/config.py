@@ -82,8 +82,9 @@ def diffusion_recipe(space: str = "latent", fast: bool | None = None,
     """Text-conditioned diffusion on Shapes with the same UNet in both spaces (only its input channels differ).
     latent: on the latents of the first stage, `latent_shape` = (c, h, w) (default: the 4x16x16 latents of the f=4
     KL autoencoder; pass `autoencoder.cfg.latent_shape` for another one), scaled-linear schedule, as LDM;
-    pixel: on 3x64x64 images (linear schedule, as DDPM). Full mode trains latent diffusion for 5 minutes
-    (autoencoder + latent diffusion stay under 10 minutes on one GPU) and pixel diffusion for 3.
+    pixel: on 3x64x64 images (linear schedule, as DDPM). Full mode trains latent diffusion for 4 minutes
+    (`minildm train`, with the autoencoder, the judge and the evaluation, stays under 10 minutes on one GPU) and
+    pixel diffusion for 3.
     Fast: 32 px, tiny widths, T=100."""
     fast = _fast(fast)
     size = 32 if fast else 64
@@ -92,16 +93,21 @@ def diffusion_recipe(space: str = "latent", fast: bool | None = None,
     else:
         channels, resolution = 3, size
     text = TextConfig(dim=64, depth=1) if fast else TextConfig(dim=256, depth=2)
+    # Position embeddings in the SpatialTransformers make attributes land on their object: on an H200, 240 s of
+    # training, 256 held-out captions at guidance 3 (DPM-Solver++ 20 steps), 97% of objects fully right with them
+    # and 55% without (benchmarks/results/h200, ablation 4).
     if fast:
         unet = UNetConfig(in_channels=channels, image_size=resolution, base_channels=32, channel_mult=(1, 2),
-                          num_res_blocks=1, attention_levels=(1,), heads=2, context_dim=text.dim, num_timesteps=100)
+                          num_res_blocks=1, attention_levels=(1,), heads=2, context_dim=text.dim, num_timesteps=100,
+                          position_embedding=True)
         train = TrainConfig(steps=30, batch_size=16, lr=1e-3, ckpt_every=15, log_every=5)
     else:
         unet = UNetConfig(in_channels=channels, image_size=resolution, base_channels=128, channel_mult=(1, 2, 3),
-                          num_res_blocks=2, attention_levels=(1, 2), heads=4, context_dim=text.dim)
+                          num_res_blocks=2, attention_levels=(1, 2), heads=4, context_dim=text.dim,
+                          position_embedding=True)
         batch = 256 if space == "latent" else 32
         train = TrainConfig(steps=10**6, batch_size=batch, lr=2e-4, ema_decay=0.999, ckpt_every=1000,
-                            log_every=50, max_seconds=300 if space == "latent" else 180)
+                            log_every=50, max_seconds=240 if space == "latent" else 180)
     diffusion = DiffusionConfig(space=space, schedule="scaled_linear" if space == "latent" else "linear",
                                 num_timesteps=unet.num_timesteps)
     return DiffusionRecipe(unet=unet, text=text, diffusion=diffusion, train=train, data=ShapesConfig(image_size=size))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minildm.device import to_device
 from minildm.text import TextConfig, TextEncoder, WordTokenizer
 from minildm.unet import UNet, UNetConfig
 
@@ -34,7 +35,7 @@ class Denoiser(nn.Module):
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> token ids (B, max_length) on the model's device."""
         ids = self.tokenizer.encode(captions, self.text_cfg.max_length, truncate=True)
-        return ids.to(self.unet.conv_in.weight.device)
+        return to_device(ids, self.unet.conv_in.weight.device)
 
     def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, L) -> (context (B, L, dim), mask (B, L), True at real tokens; None without masking)."""

@@ -94,6 +94,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# --------------------------------------------------------------------------------------------------
+# Keeping the GPU busy: no host-device synchronisation in a training step
+# --------------------------------------------------------------------------------------------------
+# The CPU queues kernels and the GPU runs them, and a step is fast when the CPU stays ahead. Anything that
+# needs a CUDA tensor's value on the host (`.item()`, `if tensor.any():`, `int(t.min())`, `torch.nonzero`, a
+# copy from ordinary host memory) makes the CPU wait until the GPU has drained its queue; the GPU then idles
+# while the CPU queues the next kernels. A dozen such waits per step cost the full-mode UNet two thirds of its
+# speed on an H200 (benchmarks/train_speed.py).
+
+_value_checks = True
+
+
+@contextlib.contextmanager
+def no_value_checks():
+    """Skip the input checks that read CUDA tensors' values (timesteps in range, token ids in the vocabulary) in
+    this block. The Trainer runs its steps here: their inputs come from the training code, not from a user, and
+    each check would stall the GPU. Shape and dtype checks still run (they need no values)."""
+    global _value_checks
+    previous, _value_checks = _value_checks, False
+    try:
+        yield
+    finally:
+        _value_checks = previous
+
+
+def may_read_values(x: torch.Tensor) -> bool:
+    """Whether an input check may read x's values on the host now: not under torch.compile, not while a CUDA graph
+    records, and not for a CUDA tensor inside `no_value_checks()`."""
+    if torch.compiler.is_compiling():
+        return False
+    if x.is_cuda:
+        return _value_checks and not torch.cuda.is_current_stream_capturing()
+    return True
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Copy a CPU tensor to `device` without making the host wait: through pinned (page-locked) memory with
+    non_blocking=True on CUDA, a plain copy elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def cuda_graphed(fn, *example_args: torch.Tensor, warmup: int = 3):
     """Record `fn(*example_args)` once as a CUDA graph; return a function that replays it on new tensors of the
     same shapes, dtypes and device (copied into the recorded input buffers) and returns a copy of the output.

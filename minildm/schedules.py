@@ -23,6 +23,8 @@ import numbers
 
 import torch
 
+from minildm.device import may_read_values
+
 # ---------------------------------------------------------------------------------------------
 # Beta schedules: each returns a float64 tensor of T betas.
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ class NoiseSchedule:
                              "use t.long() if they are whole numbers")
         if t.ndim > 1 or (batch is not None and t.ndim == 1 and len(t) != batch):
             raise ValueError(f"timesteps must have shape (B,) = ({batch},), got {tuple(t.shape)}")
-        if t.numel() > 0:
+        if t.numel() > 0 and may_read_values(t):  # reads t on the host (skipped where that would stall the GPU)
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi > self.T - 1:
                 bad = lo if lo < 0 else hi

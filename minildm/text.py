@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minildm.device import may_read_values
+
 
 @dataclass
 class TextConfig:
@@ -84,7 +86,7 @@ class ClassEmbedder(nn.Module):
             raise ValueError("class labels must be an integer tensor of shape (B,), got "
                              f"{type(labels).__name__} {getattr(labels, 'dtype', '')} "
                              f"{tuple(getattr(labels, 'shape', ()))}")
-        if labels.numel() and not torch.compiler.is_compiling():
+        if labels.numel() and may_read_values(labels):
             low, high = labels.min().item(), labels.max().item()
             if low < 0 or high > self.num_classes:
                 raise ValueError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} "
@@ -236,8 +238,7 @@ class TextEncoder(nn.Module):
         if ids.shape[1] > self.max_length:
             raise ValueError(f"TextEncoder was built with max_length={self.max_length} but got "
                              f"{ids.shape[1]} tokens; encode with max_length={self.max_length}")
-        capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph may not wait
-        if ids.numel() and not (torch.compiler.is_compiling() or capturing):
+        if ids.numel() and may_read_values(ids):  # the range check reads the ids on the host
             low, high = ids.min().item(), ids.max().item()
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size - 1}] (vocab_size="

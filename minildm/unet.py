@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minildm.device import may_read_values
 from minildm.layers import Downsample, Upsample, group_norm, parameter_counts, zero_init  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
@@ -416,11 +417,9 @@ class UNet(nn.Module):
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape (B,) = ({b},), got shape {tuple(t.shape)}")
-        # A Python-side check needs the values on the host; it is skipped inside torch.compile and while a
-        # CUDA graph is being recorded (neither may wait for the GPU).
+        # The range check reads t on the host; it is skipped where that would stall the GPU (`may_read_values`).
         T = cfg.num_timesteps
-        host_check = not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
-        if T is not None and host_check and ((t < 0) | (t > T - 1)).any():
+        if T is not None and may_read_values(t) and ((t < 0) | (t > T - 1)).any():
             raise ValueError(f"t must lie in [0, {T - 1}] (num_timesteps={T}), "
                              f"got values in [{t.min().item()}, {t.max().item()}]")
         self._check_context(b, context)

@@ -125,3 +125,50 @@ def test_random_batches_are_deterministic_and_cover_an_epoch():
     assert sorted(epoch) == list(range(10))
     assert torch.equal(batches(2), random_batches(dataset, batch_size=5, seed=3)(2))
     assert epoch != torch.cat([batches(2), batches(3)]).flatten().tolist()
+
+
+def test_value_checks_skip_only_cuda_tensors_inside_the_training_block():
+    """Inside `no_value_checks` (where the Trainer runs its steps) a CPU timestep out of range is still an error:
+    reading a CPU tensor costs no wait. Outside it the check runs as always."""
+    from minildm.device import may_read_values, no_value_checks
+    from minildm.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig(in_channels=1, image_size=8, base_channels=8, channel_mult=(1,), attention_levels=(),
+                           num_timesteps=10))
+    x = torch.zeros(2, 1, 8, 8)
+    with no_value_checks():
+        assert may_read_values(torch.zeros(1))
+        with pytest.raises(ValueError, match="t must lie in"):
+            unet(x, torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="t must lie in"):
+        unet(x, torch.tensor([0, 10]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])
+def test_cuda_training_step_never_makes_the_host_wait(stage):
+    """One Trainer step, data drawn and encoded included, runs without a single host-device synchronisation
+    (torch.cuda.set_sync_debug_mode("error") turns each one into an error): the CPU stays ahead of the GPU."""
+    from minildm.autoencoder import Autoencoder
+    from minildm.config import autoencoder_recipe, diffusion_recipe
+    from minildm.device import setup
+    from minildm.pipeline import AutoencoderTask, DiffusionTask, diffusion_batch_fn, shapes_batch_fn
+
+    rt = setup(0, device="cuda", fast=True, verbose=False)
+    ae_recipe = autoencoder_recipe(fast=True)
+    if stage == "autoencoder":
+        task, train = AutoencoderTask(ae_recipe.model, ae_recipe.loss), ae_recipe.train
+        batch_at = shapes_batch_fn(ae_recipe.data, 8, rt.device)
+    else:
+        recipe = diffusion_recipe("latent", fast=True)
+        task, train = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion), recipe.train
+        autoencoder = Autoencoder(ae_recipe.model).to(rt.device).eval().requires_grad_(False)
+        batch_at = diffusion_batch_fn(recipe.data, 8, rt, autoencoder)
+    trainer = Trainer(task, train, rt)
+    trainer.train_step(batch_at(0))  # warm-up: cuDNN and the allocators settle
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(batch_at(1))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minildm.device import to_device
+
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "ring")
 COLOURS = {  # name -> RGB in [0, 1]; saturated, so they stand out on the dark background
     "red": (0.90, 0.12, 0.12),
@@ -236,7 +238,13 @@ def _pack(scenes: Sequence[Scene], device: torch.device) -> dict[str, torch.Tens
             shape[b, k], centre[b, k], radius[b, k] = o.shape, o.center, SIZE_RADIUS[o.size]
             rgb[b, k] = COLOURS[COLOUR_NAMES[o.colour]]
     arrays = {"shape": shape, "centre": centre, "radius": radius, "rgb": rgb, "base": base, "waves": waves}
-    return {k: torch.as_tensor(v, dtype=torch.long if k == "shape" else torch.float32, device=device)
+    # Which objects have which shape is decided here, on the host: torch.nonzero on the device would make the CPU
+    # wait for the GPU. Copies go through pinned memory (`to_device`), so the host never waits for them either.
+    for s in range(len(SHAPES)):
+        b, k = np.nonzero(shape == s)
+        arrays[f"where_{s}"] = np.stack([b, k])  # (2, number of objects of shape s)
+    return {k: to_device(torch.as_tensor(v, dtype=torch.long if k == "shape" or k.startswith("where")
+                                         else torch.float32), device)
             for k, v in arrays.items()}
 
 
@@ -257,7 +265,7 @@ def render(scenes: Sequence[Scene], image_size: int = 64, device=None) -> dict[s
 
     coverage = torch.zeros(len(scenes), MAX_OBJECTS, S, S, device=device)
     for s, name in enumerate(SHAPES):  # all objects of one shape at once, whichever image they are in
-        b, k = torch.nonzero(t["shape"] == s, as_tuple=True)
+        b, k = t[f"where_{s}"]
         cx, cy = t["centre"][b, k].unbind(-1)
         px, py, r = (x - cx[:, None, None]) * S, (y - cy[:, None, None]) * S, t["radius"][b, k, None, None] * S
         sdf = shape_sdf(name, px, py, r)  # (N, S, S), in pixels
@@ -311,7 +319,7 @@ class ShapesDataset(Dataset):
 def make_batch(scenes: Sequence[Scene], image_size: int, device=None) -> dict:
     """Draw scenes and gather their labels: image, caption (list of str), attributes, label, mask."""
     drawn = render(scenes, image_size, device)
-    attrs = attributes(scenes).to(drawn["image"].device)
+    attrs = to_device(attributes(scenes), drawn["image"].device)
     label = attrs[:, 0, 0] * len(COLOURS) + attrs[:, 0, 1]  # shape and colour of the first object
     return {"image": drawn["image"], "caption": [s.caption for s in scenes], "attributes": attrs,
             "label": label, "mask": drawn["mask"]}
