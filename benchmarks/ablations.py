@@ -88,20 +88,22 @@ def cmd_judge(args) -> None:
 
 def cmd_autoencoder(args) -> None:
     rt = setup()
-    recipe = autoencoder_recipe(fast=rt.fast)
+    recipe = autoencoder_recipe(regularizer=args.regularizer, f=args.f, fast=rt.fast)
     recipe.loss = dataclasses.replace(recipe.loss, **AE_VARIANTS[args.variant])
     if args.disc_start is not None:
         recipe.loss = dataclasses.replace(recipe.loss, disc_start=args.disc_start)
     if args.seconds:
         recipe.train.max_seconds = args.seconds
     start = time.perf_counter()
-    autoencoder, history = train_autoencoder(recipe, rt, args.out / f"ae_{args.variant}.pt", progress=False)
+    name = f"ae_{args.variant}" + ("" if (args.regularizer, args.f) == ("kl", 4) else f"_{args.regularizer}_f{args.f}")
+    autoencoder, history = train_autoencoder(recipe, rt, args.out / f"{name}.pt", progress=False)
     seconds = time.perf_counter() - start
     judge = load_judge(args.out / f"judge_{image_size(rt)}.pt", rt.device)
-    result = {"variant": args.variant, "loss": dataclasses.asdict(recipe.loss), "seconds": seconds,
+    result = {"variant": args.variant, "regularizer": args.regularizer, "f": args.f,
+              "loss": dataclasses.asdict(recipe.loss), "seconds": seconds,
               "steps": history[-1]["step"], "history": history[::10],
               **evaluate_autoencoder(autoencoder, judge, rt, n=512)}
-    write(args.out, f"ae_{args.variant}", result)
+    write(args.out, name, result)
 
 
 def cmd_diffusion(args) -> None:
@@ -156,6 +158,8 @@ def main() -> None:
     p = sub.add_parser("autoencoder")
     p.add_argument("--variant", choices=sorted(AE_VARIANTS), required=True)
     p.add_argument("--disc-start", type=int, default=None)
+    p.add_argument("--regularizer", choices=["kl", "vq"], default="kl")
+    p.add_argument("--f", type=int, default=4, help="downsampling factor")
     p.set_defaults(func=cmd_autoencoder)
     p = sub.add_parser("diffusion")
     p.add_argument("--variant", choices=sorted(DIFFUSION_VARIANTS), required=True)
