@@ -317,3 +317,34 @@ def test_tiny_unet_learns_to_predict_noise():
         after = loss(unet, *fixed).item()
     assert math.isclose(before, 1.0, abs_tol=0.1)  # a fresh UNet predicts 0, so the loss is E[eps^2] = 1
     assert after < 0.3 * before, (before, after)
+
+
+def test_position_embedding_is_a_function_of_the_place_in_the_image():
+    """Token centres at the same relative place get the same features at any resolution (the centre of a 1x1 and
+    of a 3x3 grid), every token of a grid gets its own, and odd widths are zero-padded."""
+    from minildm.unet import position_embedding_2d
+
+    one, three = position_embedding_2d(1, 1, 64), position_embedding_2d(3, 3, 64)
+    assert one.shape == (1, 64) and three.shape == (9, 64)
+    torch.testing.assert_close(one[0], three[4])
+    grid = position_embedding_2d(8, 8, 64)
+    assert torch.cdist(grid, grid).add(torch.eye(64) * 1e3).min() > 0.1  # 64 distinct rows
+    assert position_embedding_2d(4, 4, 66)[:, 64:].abs().max() == 0
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_position_embedding_breaks_the_translation_symmetry_of_a_spatial_transformer(with_positions):
+    """Without position features a SpatialTransformer treats its tokens as a set: rolling the image rolls the output.
+    With them, the same content at another place gives another output, which is what lets a query find the words
+    that name its place."""
+    from minildm.unet import SpatialTransformer
+
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, heads=2, head_dim=16, context_dim=8, position_embedding=with_positions).eval()
+    torch.nn.init.normal_(block.proj_out.weight, std=0.1)  # zero-initialised: the block would be the identity
+    x, context = torch.randn(1, 32, 6, 6), torch.randn(1, 5, 8)
+    with torch.no_grad():
+        rolled_output = block(x, context).roll(2, dims=-1)
+        output_of_rolled = block(x.roll(2, dims=-1), context)
+    same = torch.allclose(rolled_output, output_of_rolled, atol=1e-5)
+    assert same != with_positions
