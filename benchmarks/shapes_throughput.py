@@ -4,7 +4,7 @@
     python benchmarks/shapes_throughput.py --device cpu --batch-size 256 --seconds 5
 
 Times, after a warm-up, attribute sampling (CPU) and rendering (on the device) separately, then
-both together through ShapesDataset.batch and through shapes_batches (which samples the next batch
+both together through ShapesDataset.batch and through shapes_batch_at (the trainers' feeder, which samples the next batch
 in a background thread), and prints images per second.
 """
 
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from minildm.data.shapes import ShapesConfig, ShapesDataset, render, sample_scenes, shapes_batches
+from minildm.data.shapes import ShapesConfig, ShapesDataset, render, sample_scenes, shapes_batch_at
 
 
 def _sync(device: torch.device) -> None:
@@ -39,14 +39,14 @@ def bench(device: torch.device, image_size: int, batch_size: int, seconds: float
     cfg = ShapesConfig(image_size=image_size)
     dataset = ShapesDataset(cfg)
     fixed = sample_scenes(range(batch_size), cfg)  # for timing rendering alone
-    stream = shapes_batches(cfg, batch_size, device)  # samples the next batch in a background thread
+    batch_at = shapes_batch_at(cfg, batch_size, device)  # samples the next step's scenes in a background thread
     return {
         "sample": images_per_second(lambda i: sample_scenes(range(i, i + batch_size), cfg),
                                     batch_size, seconds, device),
         "render": images_per_second(lambda i: render(fixed, image_size, device), batch_size, seconds, device),
         "batch": images_per_second(lambda i: dataset.batch(range(i, i + batch_size), device),
                                    batch_size, seconds, device),
-        "batches": images_per_second(lambda i: next(stream), batch_size, seconds, device),
+        "batches": images_per_second(lambda i: batch_at(i // batch_size), batch_size, seconds, device),
     }
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Shapes throughput, {args.image_size} px, batch {args.batch_size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'device':<8} {'sampling img/s':>15} {'rendering img/s':>16} {'batch() img/s':>14} "
-          f"{'shapes_batches img/s':>21}")
+          f"{'shapes_batch_at img/s':>21}")
     for name in devices:
         device = torch.device(name)
         r = bench(device, args.image_size, args.batch_size, args.seconds)

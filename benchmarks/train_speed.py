@@ -27,8 +27,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minildm.config import autoencoder_recipe, diffusion_recipe
+from minildm.data import shapes_batch_at
 from minildm.device import setup
-from minildm.pipeline import AutoencoderTask, DiffusionTask, diffusion_batch_fn, shapes_batch_fn
+from minildm.pipeline import AutoencoderTask, DiffusionTask, diffusion_batch_fn
 from minildm.train import Trainer
 
 
@@ -166,7 +167,7 @@ def main(argv=None) -> None:
             ("diffusion", make_diffusion,
              lambda recipe, ae: diffusion_batch_fn(recipe.data, recipe.train.batch_size, rt, ae)),
             ("autoencoder", make_autoencoder,
-             lambda recipe, ae: shapes_batch_fn(recipe.data, recipe.train.batch_size, rt.device))):
+             lambda recipe, ae: shapes_batch_at(recipe.data, recipe.train.batch_size, rt.device))):
         variants = [("eager", False, False), ("eager channels_last", True, False)]
         if not args.skip_compile:
             variants += [("compiled", False, True), ("compiled channels_last", True, True)]

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from minildm.checkpoint import CheckpointError, load_checkpoint
-from minildm.data.shapes import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, ShapesConfig, ShapesDataset
+from minildm.data.shapes import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, ShapesConfig, shapes_batch_at
 from minildm.device import Runtime
 from minildm.train import TrainConfig, Trainer
 
@@ -184,9 +184,8 @@ def train_judge(cfg: JudgeConfig, train_cfg: TrainConfig, runtime: Runtime, ckpt
     """Train (or resume, or load when finished) the judge on renders of seed JUDGE_SEED."""
     task = JudgeTask(cfg)
     trainer = Trainer(task, train_cfg, runtime, ckpt_path)
-    data = ShapesDataset(ShapesConfig(image_size=cfg.image_size, seed=JUDGE_SEED))
-    B = train_cfg.batch_size
-    trainer.fit(lambda step: data.batch(range(step * B, (step + 1) * B), device=runtime.device), progress=progress)
+    data = ShapesConfig(image_size=cfg.image_size, seed=JUDGE_SEED)
+    trainer.fit(shapes_batch_at(data, train_cfg.batch_size, runtime.device), progress=progress)
     return task.judge.eval()
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.checkpoint import load_checkpoint
 from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionRecipe
-from minildm.data.shapes import ShapesConfig, ShapesDataset, vocabulary
+from minildm.data.shapes import ShapesConfig, ShapesDataset, shapes_batch_at, vocabulary
 from minildm.denoiser import Denoiser
 from minildm.device import Runtime, cuda_graphed
 from minildm.diffusion import DiffusionConfig, diffusion_loss
@@ -28,7 +28,7 @@ from minildm.samplers import DEFAULT_STEPS, sample
 from minildm.schedules import NoiseSchedule
 from minildm.text import TextConfig, WordTokenizer, drop_captions
 from minildm.train import Trainer
-from minildm.unet import UNetConfig
+from minildm.unet import UNetConfig, upgrade_unet_keys
 
 
 class AutoencoderTask(nn.Module):
@@ -66,12 +66,6 @@ class AutoencoderTask(nn.Module):
         return {"model": asdict(self.model_cfg), "loss": asdict(self.loss_cfg)}
 
 
-def shapes_batch_fn(data_cfg: ShapesConfig, batch_size: int, device):
-    """batch_at(step) for the Shapes data set: images step*B ... step*B + B - 1, drawn on `device`."""
-    dataset = ShapesDataset(data_cfg)
-    return lambda step: dataset.batch(range(step * batch_size, (step + 1) * batch_size), device=device)
-
-
 @torch.no_grad()
 def reconstruct(autoencoder: Autoencoder, images: torch.Tensor, runtime: Runtime, batch_size: int = 128) -> torch.Tensor:
     """The autoencoder's reconstructions (posterior mean) of images (B, C, H, W), in batches, clamped to [-1, 1]."""
@@ -97,10 +91,10 @@ def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: st
     latent scale factor set, and the training history."""
     task = AutoencoderTask(recipe.model, recipe.loss)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(shapes_batch_fn(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
+    trainer.fit(shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
     autoencoder = task.autoencoder
     if "scale_factor" not in trainer.extra:  # computed once after training, for the EMA weights
-        batch_at = shapes_batch_fn(recipe.data, 64, runtime.device)
+        batch_at = shapes_batch_at(recipe.data, 64, runtime.device)
         batches = (batch_at(i)["image"] for i in range(8))
         autoencoder.eval()
         with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():
@@ -124,7 +118,8 @@ def set_scale_factor(autoencoder: Autoencoder, ema: EMA | None, value: float) ->
 def use_ema_weights(module: nn.Module, ema_state: dict) -> None:
     """Overwrite `module`'s weights with the averaged ones stored in a checkpoint's "ema" entry."""
     ema = EMA(module)
-    ema.load_state_dict(ema_state)
+    # checkpoints from before the UNet was built of levels name its weights in the old layout
+    ema.load_state_dict({**ema_state, **{k: upgrade_unet_keys(module, ema_state[k]) for k in ("shadow", "buffers")}})
     ema.copy_to(module)
 
 
@@ -167,8 +162,7 @@ class DiffusionTask(nn.Module):
         return {"denoiser": list(self.denoiser.parameters())}
 
     def losses(self, batch: dict, step: int):
-        x0 = batch["x"]
-        self.schedule.to(x0.device)
+        x0 = batch["x"]  # the schedule's tables are buffers of this module: they are on x0's device already
         captions = drop_captions(batch["caption"], self.diffusion_cfg.caption_drop, self.drop_generator)
         ids = self.denoiser.tokenize(captions)
         cfg = self.diffusion_cfg
@@ -187,7 +181,7 @@ def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime
                        autoencoder: Autoencoder | None = None):
     """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...]} from the Shapes data set.
     With an autoencoder the images are encoded on the fly (frozen, no gradients): that is latent diffusion."""
-    images = shapes_batch_fn(data_cfg, batch_size, runtime.device)
+    images = shapes_batch_at(data_cfg, batch_size, runtime.device)
 
     def batch_at(step: int) -> dict:
         batch = images(step)

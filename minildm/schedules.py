@@ -22,6 +22,7 @@ import math
 import numbers
 
 import torch
+from torch import nn
 
 from minildm.device import may_read_values
 
@@ -160,7 +161,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-class NoiseSchedule:
+class NoiseSchedule(nn.Module):
     """All per-step tables of a schedule, computed once in float64 from the betas.
 
     Tables (float64, on the CPU, each of length T; index t = 0..T-1):
@@ -172,8 +173,10 @@ class NoiseSchedule:
         posterior_variance, posterior_mean_coef_x0, posterior_mean_coef_xt   (Ho et al. eqs. 6-7:
             q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, posterior_variance I)).
 
-    `at(name, t, like)` looks a table up for a batch of timesteps; float32 copies of the tables live on
-    `self.device` (moved with `.to(device)`) and serve float32/16 data, the float64 tables serve float64 data.
+    `at(name, t, like)` looks a table up for a batch of timesteps. The float64 tables stay on the CPU and serve
+    float64 data (exact references for tests); float32 copies are module buffers (`<name>_f32`), so they move with
+    `.to(device)` together with the model that holds the schedule (a `DiffusionTask`), and serve float32/16 data on
+    any device (Apple's MPS has no float64). They are not saved in checkpoints: they follow from the betas.
     """
 
     TABLES = ("betas", "alphas", "alpha_bar", "alpha_bar_prev", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar",
@@ -181,6 +184,7 @@ class NoiseSchedule:
               "posterior_variance", "posterior_mean_coef_x0", "posterior_mean_coef_xt")
 
     def __init__(self, betas: torch.Tensor, name: str = "custom"):
+        super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError(f"betas must be a non-empty 1-d tensor, got shape {tuple(betas.shape)}")
@@ -202,8 +206,8 @@ class NoiseSchedule:
         self.posterior_variance = betas * (1 - self.alpha_bar_prev) / one_minus_ab
         self.posterior_mean_coef_x0 = self.alpha_bar_prev.sqrt() * betas / one_minus_ab
         self.posterior_mean_coef_xt = self.alphas.sqrt() * (1 - self.alpha_bar_prev) / one_minus_ab
-        self.device = torch.device("cpu")
-        self._f32 = {k: getattr(self, k).float() for k in self.TABLES}
+        for table in self.TABLES:
+            self.register_buffer(f"{table}_f32", getattr(self, table).float(), persistent=False)
 
     @classmethod
     def from_name(cls, name: str = "scaled_linear", T: int = 1000, zero_terminal_snr: bool = False):
@@ -213,11 +217,10 @@ class NoiseSchedule:
             betas, name = rescale_zero_terminal_snr(betas), name + "+zero_terminal_snr"
         return cls(betas, name=name)
 
-    def to(self, device) -> NoiseSchedule:
-        """Move the float32 lookup tables to `device` (in place, like nn.Module.to); returns self."""
-        self.device = torch.device(device)
-        self._f32 = {k: v.to(self.device) for k, v in self._f32.items()}
-        return self
+    @property
+    def device(self) -> torch.device:
+        """Where the float32 tables are (`.to(device)` moves them)."""
+        return self.alpha_bar_f32.device
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule({self.name!r}, T={self.T}, alpha_bar from {self.alpha_bar[0].item():.4f} "
@@ -250,8 +253,8 @@ class NoiseSchedule:
         """Table `name` at timesteps t, shaped (B, 1, ..., 1) to broadcast against `like` (B, ...)."""
         if name not in self.TABLES:
             raise ValueError(f"unknown schedule table {name!r}; choose one of {self.TABLES}")
-        table = getattr(self, name) if like.dtype == torch.float64 else self._f32[name]
-        table = table.to(like.device)
+        table = getattr(self, name) if like.dtype == torch.float64 else getattr(self, f"{name}_f32")
+        table = table.to(like.device)  # a no-op when the schedule is already where the data is
         broadcast = (-1, *([1] * (like.ndim - 1)))
         if isinstance(t, int) and not isinstance(t, bool):  # one step for the whole batch, as in a sampler:
             self.check_timesteps(t)  # checked on the host, and indexing with a Python int is a view, so the CPU

@@ -11,12 +11,12 @@ autoencoders or diffusion. A task provides
 - `kind` and `config_dict()`: stored in the checkpoint so the model can be rebuilt.
 
 Batches come from `batch_at(step)`, a function of the step number, so a resumed run sees exactly
-the batches the interrupted one would have seen.
+the batches the interrupted one would have seen. The data package has one such feeder per kind of data:
+`shapes_batch_at` (the procedural Shapes images) and `dataset_batch_at` (any map-style data set, e.g. MNIST).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -186,19 +186,3 @@ class Trainer:
         if self.ckpt_path is not None:
             self.save()
         return self.history
-
-
-def random_batches(dataset, batch_size: int, seed: int = 0, collate=None) -> Callable[[int], object]:
-    """`batch_at(step)` for a map-style data set: a fresh permutation each epoch, fixed by (seed, epoch)."""
-    n = len(dataset)
-    collate = collate or torch.utils.data.default_collate
-
-    @functools.lru_cache(maxsize=2)
-    def permutation(epoch: int) -> list[int]:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-    def batch_at(step: int):
-        positions = (divmod(k, n) for k in range(step * batch_size, (step + 1) * batch_size))
-        return collate([dataset[permutation(epoch)[pos]] for epoch, pos in positions])
-
-    return batch_at

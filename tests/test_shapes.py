@@ -26,7 +26,7 @@ from minildm.data.shapes import (
     class_name,
     render,
     sample_scenes,
-    shapes_batches,
+    shapes_batch_at,
     vocabulary,
 )
 
@@ -180,13 +180,16 @@ def test_caption_uses_the_given_rng():
     assert caption(scene, np.random.default_rng(1)) == caption(scene, np.random.default_rng(1))
 
 
-def test_shapes_batches_run_in_index_order():
+def test_shapes_batch_at_is_a_function_of_the_step_whatever_the_order_of_calls():
+    """The feeder prefetches the next step's scenes; a resumed run (any other step) must get the same batches."""
     cfg = ShapesConfig(image_size=16)
-    batches = shapes_batches(cfg, batch_size=4, start=10)
-    first, second = next(batches), next(batches)
-    expected = ShapesDataset(cfg).batch(range(14, 18))
-    torch.testing.assert_close(second["image"], expected["image"])
-    assert first["image"].shape == (4, 3, 16, 16)
+    batch_at = shapes_batch_at(cfg, batch_size=4)
+    in_order = [batch_at(step)["image"] for step in (0, 1, 2)]
+    torch.testing.assert_close(in_order[1], ShapesDataset(cfg).batch(range(4, 8))["image"])
+    resumed = shapes_batch_at(cfg, batch_size=4)
+    torch.testing.assert_close(resumed(2)["image"], in_order[2])
+    torch.testing.assert_close(resumed(0)["image"], in_order[0])  # after a prefetch of step 3
+    assert batch_at(5)["caption"] == ShapesDataset(cfg).batch(range(20, 24))["caption"]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -200,4 +203,4 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=">= 0"):
         sample_scenes([-1], ShapesConfig())
     with pytest.raises(ValueError, match="batch_size"):
-        shapes_batches(ShapesConfig(), batch_size=0)  # raised at the call, not at the first next()
+        shapes_batch_at(ShapesConfig(), batch_size=0)  # raised at the call, not at the first batch

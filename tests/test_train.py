@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from minildm.checkpoint import CheckpointError, load_checkpoint
+from minildm.data import dataset_batch_at
 from minildm.device import Runtime
-from minildm.train import TrainConfig, Trainer, random_batches
+from minildm.train import TrainConfig, Trainer
 
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, fast=True)
 
@@ -118,12 +119,12 @@ def test_checkpoint_of_another_kind_is_refused(tmp_path):
         Trainer(Other(), config(), CPU, tmp_path / "ck.pt")
 
 
-def test_random_batches_are_deterministic_and_cover_an_epoch():
+def test_dataset_batches_are_deterministic_and_cover_an_epoch():
     dataset = [torch.tensor([i]) for i in range(10)]
-    batches = random_batches(dataset, batch_size=5, seed=3)
+    batches = dataset_batch_at(dataset, batch_size=5, seed=3)
     epoch = torch.cat([batches(0), batches(1)]).flatten().tolist()
     assert sorted(epoch) == list(range(10))
-    assert torch.equal(batches(2), random_batches(dataset, batch_size=5, seed=3)(2))
+    assert torch.equal(batches(2), dataset_batch_at(dataset, batch_size=5, seed=3)(2))
     assert epoch != torch.cat([batches(2), batches(3)]).flatten().tolist()
 
 
@@ -151,14 +152,15 @@ def test_cuda_training_step_never_makes_the_host_wait(stage):
     (torch.cuda.set_sync_debug_mode("error") turns each one into an error): the CPU stays ahead of the GPU."""
     from minildm.autoencoder import Autoencoder
     from minildm.config import autoencoder_recipe, diffusion_recipe
+    from minildm.data import shapes_batch_at
     from minildm.device import setup
-    from minildm.pipeline import AutoencoderTask, DiffusionTask, diffusion_batch_fn, shapes_batch_fn
+    from minildm.pipeline import AutoencoderTask, DiffusionTask, diffusion_batch_fn
 
     rt = setup(0, device="cuda", fast=True, verbose=False)
     ae_recipe = autoencoder_recipe(fast=True)
     if stage == "autoencoder":
         task, train = AutoencoderTask(ae_recipe.model, ae_recipe.loss), ae_recipe.train
-        batch_at = shapes_batch_fn(ae_recipe.data, 8, rt.device)
+        batch_at = shapes_batch_at(ae_recipe.data, 8, rt.device)
     else:
         recipe = diffusion_recipe("latent", fast=True)
         task, train = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion), recipe.train

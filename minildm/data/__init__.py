@@ -1,6 +1,7 @@
-"""Stage 1, the data: the procedural Shapes data set and real image data sets through torchvision."""
+"""Stage 1, the data: the procedural Shapes data set and real image data sets through torchvision, and one batch
+feeder for each (`shapes_batch_at`, `dataset_batch_at`): `batch_at(step)`, what the Trainer consumes."""
 
-from minildm.data.datasets import DATASETS, DatasetNotFoundError, ImageDataset, load_dataset
+from minildm.data.datasets import DATASETS, DatasetNotFoundError, ImageDataset, dataset_batch_at, load_dataset
 from minildm.data.shapes import (
     COLOURS,
     MAX_OBJECTS,
@@ -20,13 +21,34 @@ from minildm.data.shapes import (
     render,
     sample_scene,
     sample_scenes,
-    shapes_batches,
+    shapes_batch_at,
     vocabulary,
 )
 
 __all__ = [
-    "COLOURS", "DATASETS", "MAX_OBJECTS", "NUM_CLASSES", "POSITIONS", "SHAPES", "SIZES",
-    "Background", "DatasetNotFoundError", "ImageDataset", "Scene", "ShapeObject", "ShapesConfig",
-    "ShapesDataset", "attributes", "caption", "class_name", "load_dataset", "make_batch", "render", "sample_scene",
-    "sample_scenes", "shapes_batches", "vocabulary",
+    "COLOURS",
+    "DATASETS",
+    "MAX_OBJECTS",
+    "NUM_CLASSES",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Background",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "Scene",
+    "ShapeObject",
+    "ShapesConfig",
+    "ShapesDataset",
+    "attributes",
+    "caption",
+    "class_name",
+    "dataset_batch_at",
+    "load_dataset",
+    "make_batch",
+    "render",
+    "sample_scene",
+    "sample_scenes",
+    "shapes_batch_at",
+    "vocabulary",
 ]

@@ -14,7 +14,9 @@ so a folder holding only the test split works; torchvision is used only to downl
 
 from __future__ import annotations
 
+import functools
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,24 @@ def load_dataset(name: str, root, image_size: int, train: bool = True, download:
     except (OSError, RuntimeError) as err:  # torchvision: RuntimeError when missing, OSError when offline
         raise DatasetNotFoundError(key, expected_path(key, root), download, err) from err
     return ImageDataset(base, image_size, channels, target_key)
+
+
+def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None) -> Callable[[int], object]:
+    """The batch feeder of a map-style data set: `batch_at(step)`, a fresh permutation each epoch fixed by
+    (seed, epoch), so a resumed run sees the batches the interrupted one would have seen."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("dataset_batch_at got an empty data set")
+    collate = collate or torch.utils.data.default_collate
+
+    @functools.lru_cache(maxsize=2)
+    def permutation(epoch: int) -> list[int]:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+    def batch_at(step: int):
+        positions = (divmod(k, n) for k in range(step * batch_size, (step + 1) * batch_size))
+        return collate([dataset[permutation(epoch)[pos]] for epoch, pos in positions])
+
+    return batch_at

@@ -19,8 +19,9 @@ All of it is elementwise torch over the whole batch, on any device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -325,22 +326,30 @@ def make_batch(scenes: Sequence[Scene], image_size: int, device=None) -> dict:
             "label": label, "mask": drawn["mask"]}
 
 
-def shapes_batches(cfg: ShapesConfig, batch_size: int, device=None, start: int = 0) -> Iterator[dict]:
-    """Endless batches of images start, start+1, ... in index order (what the trainers consume).
+def shapes_batch_at(cfg: ShapesConfig, batch_size: int, device=None) -> Callable[[int], dict]:
+    """The Shapes batch feeder: `batch_at(step)` draws images step * batch_size ... (step + 1) * batch_size - 1.
 
-    Sampling scenes is Python on the CPU, so the next batch's scenes are sampled in a background
-    thread while the caller trains on this batch (it runs whenever the caller waits for the GPU).
+    A pure function of the step, so a resumed run sees exactly the batches the interrupted one would have seen
+    (the `Trainer` calls it with its step number). Sampling scenes is Python on the CPU, so after each call the
+    next step's scenes are sampled in a background thread while the caller trains on this batch (it runs
+    whenever the caller waits for the GPU); a call for any other step samples its scenes directly.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return _prefetched_batches(cfg, batch_size, device, start)
+    pool = ThreadPoolExecutor(max_workers=1)
+    upcoming: dict[int, Future] = {}
 
+    def scenes_of(step: int) -> list[Scene]:
+        return sample_scenes(range(step * batch_size, (step + 1) * batch_size), cfg)
 
-def _prefetched_batches(cfg: ShapesConfig, batch_size: int, device, start: int) -> Iterator[dict]:
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        upcoming = pool.submit(sample_scenes, range(start, start + batch_size), cfg)
-        while True:
-            scenes = upcoming.result()
-            start += batch_size
-            upcoming = pool.submit(sample_scenes, range(start, start + batch_size), cfg)
-            yield make_batch(scenes, cfg.image_size, device)
+    def batch_at(step: int) -> dict:
+        if step < 0:
+            raise ValueError(f"batch_at needs a step >= 0, got {step}")
+        ready = upcoming.pop(step, None)
+        scenes = ready.result() if ready is not None else scenes_of(step)
+        upcoming.clear()
+        upcoming[step + 1] = pool.submit(scenes_of, step + 1)
+        return make_batch(scenes, cfg.image_size, device)
+
+    weakref.finalize(batch_at, pool.shutdown, wait=False)  # the thread goes when the feeder does
+    return batch_at
