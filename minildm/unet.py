@@ -10,8 +10,10 @@ Read top to bottom; each piece is one idea:
    (keys from x) or cross-attention (keys from a conditioning sequence).
 4. `TransformerBlock`, `SpatialTransformer`: the LDM block through which image features attend to the
    conditioning sequence tau_theta(y) (Rombach et al. 2022, Sec. 3.3, eq. (2) and Appendix E.2).
-5. `Downsample`, `Upsample`, `UNetConfig`, `UNet`: the UNet of Ho et al. 2020 (Appendix B), with the
-   blocks above at the resolutions named in `UNetConfig.attention_levels`.
+5. `UNetConfig`, `DownLevel`, `MidBlock`, `UpLevel`, `UNet`: the UNet of Ho et al. 2020 (Appendix B), one
+   down and one up level per resolution, with the blocks above at the levels named in
+   `UNetConfig.attention_levels`; each DownLevel keeps the skips that the UpLevel of its resolution reads.
+6. `old_layout_names`, `upgrade_unet_keys`: checkpoints saved before the UNet was built of levels still load.
 
 Conditioning: the UNet knows only a `context` sequence of shape (B, L, context_dim). Class labels become a
 length-1 sequence (`minildm.text.ClassEmbedder`), captions a sequence of token features
@@ -248,25 +250,6 @@ class SpatialTransformer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-# Downsample (stride-2 conv) and Upsample (nearest x2 + conv) come from minildm/layers.py, as in the autoencoder.
-
-
-class Stage(nn.Sequential):
-    """A few layers run in order, each given what it needs: ResBlocks the time embedding,
-    SpatialTransformers the context, Downsample/Upsample only x."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, context_mask)
-            else:
-                x = layer(x)
-        return x
-
-
 @dataclass
 class UNetConfig:
     """Architecture of the denoiser. Level i works at resolution image_size / 2**i with
@@ -330,17 +313,104 @@ class UNetConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
+# The UNet is built of one level per resolution, as diffusers' down/up blocks (and fast.ai's miniai): a DownLevel
+# keeps its own skips and the UpLevel at the same resolution consumes them. Downsample (stride-2 conv) and Upsample
+# (nearest x2 + conv) come from minildm/layers.py, as in the autoencoder.
+
+
+class ResAttnBlock(nn.Module):
+    """One step of a UNet level: a ResBlock, then a SpatialTransformer at the levels that attend."""
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, attend: bool):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, 4 * cfg.base_channels, cfg.dropout)
+        self.attn = (SpatialTransformer(out_ch, cfg.heads, out_ch // cfg.heads, cfg.transformer_depth, cfg.context_dim,
+                                        cfg.position_embedding) if attend else None)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.res(h, emb)  # (B, out_ch, H, W)
+        return h if self.attn is None else self.attn(h, context, context_mask)
+
+
+class DownLevel(nn.Module):
+    """The down path at one resolution: num_res_blocks x [ResBlock (+ SpatialTransformer)], then an optional
+    Downsample. Returns the output and the level's skips: its input and each block's output, all (B, C, H, W)
+    at this level's resolution, for the UpLevel of the same resolution."""
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, attend: bool, downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResAttnBlock(in_ch if i == 0 else out_ch, out_ch, cfg, attend)
+                                    for i in range(cfg.num_res_blocks))
+        self.downsample = Downsample(out_ch) if downsample else None
+        self.skip_channels = [in_ch] + [out_ch] * cfg.num_res_blocks  # channels of the skips, in order
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = [h]  # (B, in_ch, H, W)
+        for block in self.blocks:
+            h = block(h, emb, context, context_mask)  # (B, out_ch, H, W)
+            skips.append(h)
+        if self.downsample is not None:
+            h = self.downsample(h)  # (B, out_ch, H/2, W/2)
+        return h, skips
+
+
+class MidBlock(nn.ModuleList):
+    """ResBlock, SpatialTransformer, ResBlock at the deepest resolution (so `mid[1]` is the transformer)."""
+
+    def __init__(self, ch: int, cfg: UNetConfig):
+        time_dim = 4 * cfg.base_channels
+        super().__init__([ResBlock(ch, ch, time_dim, cfg.dropout),
+                          SpatialTransformer(ch, cfg.heads, ch // cfg.heads, cfg.transformer_depth, cfg.context_dim,
+                                             cfg.position_embedding),
+                          ResBlock(ch, ch, time_dim, cfg.dropout)])
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        res1, attn, res2 = self
+        return res2(attn(res1(h, emb), context, context_mask), emb)  # (B, ch, H, W)
+
+
+class UpLevel(nn.Module):
+    """The up path at one resolution: num_res_blocks + 1 x [ResBlock on concat(h, skip) (+ SpatialTransformer)],
+    then an optional Upsample. Block i takes the i-th skip from the end of the DownLevel of the same resolution
+    (`skip_channels` are that level's, in the order it made them)."""
+
+    def __init__(self, in_ch: int, out_ch: int, skip_channels: list[int], cfg: UNetConfig, attend: bool,
+                 upsample: bool):
+        super().__init__()
+        h_channels = [in_ch] + [out_ch] * (len(skip_channels) - 1)  # channels of h entering each block
+        self.blocks = nn.ModuleList(ResAttnBlock(h_ch + skip_ch, out_ch, cfg, attend)
+                                    for h_ch, skip_ch in zip(h_channels, reversed(skip_channels)))
+        self.upsample = Upsample(out_ch) if upsample else None
+
+    def forward(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block, skip in zip(self.blocks, reversed(skips)):
+            h = block(torch.cat([h, skip], dim=1), emb, context, context_mask)  # (B, h_ch + skip_ch, H, W) -> out_ch
+        if self.upsample is not None:
+            h = self.upsample(h)  # (B, out_ch, 2H, 2W)
+        return h
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t, context): (B, in_channels, H, W) -> (B, out_channels, H, W).
 
-    time MLP: timestep_embedding -> Linear -> SiLU -> Linear (width 4 * base_channels) -> SiLU, the last
-              SiLU shared by all ResBlocks (each then applies its own Linear)
-    down:     conv_in, then per level num_res_blocks x [ResBlock (+ SpatialTransformer)] and a
-              Downsample between levels; every output is kept as a skip connection
-    mid:      ResBlock, SpatialTransformer, ResBlock
-    up:       per level, mirrored, num_res_blocks + 1 x [ResBlock on concat(h, skip) (+ SpatialTransformer)]
-              and an Upsample between levels
-    out:      GroupNorm -> SiLU -> conv_out (zero-initialised: a fresh UNet predicts exactly 0)
+    time MLP:    timestep_embedding -> Linear -> SiLU -> Linear (width 4 * base_channels) -> SiLU, the last
+                 SiLU shared by all ResBlocks (each then applies its own Linear)
+    conv_in:     3x3 conv to base_channels
+    down_levels: one DownLevel per level l (resolution H / 2**l, base_channels * channel_mult[l] channels):
+                 num_res_blocks x [ResBlock (+ SpatialTransformer)], then a Downsample (not after the last level);
+                 it keeps its input and every block's output as skip connections
+    mid:         ResBlock, SpatialTransformer, ResBlock
+    up_levels:   one UpLevel per level, deepest first: num_res_blocks + 1 x [ResBlock on concat(h, skip)
+                 (+ SpatialTransformer)], reading the skips of the DownLevel at its resolution, last first; then
+                 an Upsample (not after level 0)
+    out:         GroupNorm -> SiLU -> conv_out (zero-initialised: a fresh UNet predicts exactly 0)
+
+    Checkpoints saved before the UNet was built of levels (flat `down.{i}` and `up.{i}` lists) load as they are:
+    a load_state_dict pre-hook renames their keys (section 6).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -350,37 +420,19 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim),
                                         nn.SiLU())
         self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
-
-        def block(in_ch: int, out_ch: int, attend: bool) -> list[nn.Module]:
-            layers: list[nn.Module] = [ResBlock(in_ch, out_ch, time_dim, cfg.dropout)]
-            if attend:
-                layers.append(SpatialTransformer(out_ch, cfg.heads, out_ch // cfg.heads, cfg.transformer_depth,
-                                                 cfg.context_dim, cfg.position_embedding))
-            return layers
-
-        self.down = nn.ModuleList()
-        skip_channels, ch = [base], base
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                self.down.append(Stage(*block(ch, base * mult, level in cfg.attention_levels)))
-                ch = base * mult
-                skip_channels.append(ch)
-            if level != last:
-                self.down.append(Stage(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.mid = Stage(*block(ch, ch, True), ResBlock(ch, ch, time_dim, cfg.dropout))
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = block(ch + skip_channels.pop(), base * mult, level in cfg.attention_levels)
-                ch = base * mult
-                if level != 0 and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
-                self.up.append(Stage(*layers))
-
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        channels = [base * mult for mult in cfg.channel_mult]  # at each level
+        entering = [base, *channels[:-1]]  # of h entering each DownLevel
+        self.down_levels = nn.ModuleList(
+            DownLevel(entering[level], channels[level], cfg, level in cfg.attention_levels, downsample=level != last)
+            for level in range(last + 1))
+        self.mid = MidBlock(channels[last], cfg)
+        self.up_levels = nn.ModuleList(  # h comes from the level below (the middle block below the deepest)
+            UpLevel(channels[min(level + 1, last)], channels[level], self.down_levels[level].skip_channels, cfg,
+                    level in cfg.attention_levels, upsample=level != 0)
+            for level in reversed(range(last + 1)))
+        self.out = nn.Sequential(group_norm(channels[0]), nn.SiLU(),
+                                 zero_init(nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)))
+        self.register_load_state_dict_pre_hook(_upgrade_before_loading)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -388,15 +440,31 @@ class UNet(nn.Module):
         context_mask (B, L) bool or None: False marks padding tokens that cross-attention ignores."""
         t = self.check_inputs(x, t, context, context_mask)
         emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))  # (B, 4 * base)
-        h = self.conv_in(x)
-        skips = [h]
-        for stage in self.down:
-            h = stage(h, emb, context, context_mask)
-            skips.append(h)
-        h = self.mid(h, emb, context, context_mask)
-        for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(h)
+        h = self.conv_in(x)  # (B, base, H, W)
+        skips = []  # skips[l]: the skip tensors of level l
+        for down in self.down_levels:
+            h, level_skips = down(h, emb, context, context_mask)
+            skips.append(level_skips)
+        h = self.mid(h, emb, context, context_mask)  # (B, channels[last], H / 2**last, W / 2**last)
+        for up, level_skips in zip(self.up_levels, reversed(skips)):
+            h = up(h, level_skips, emb, context, context_mask)
+        return self.out(h)  # (B, out_channels, H, W)
+
+    def upgrade_state_dict(self, state: dict, prefix: str = "") -> dict:
+        """Rename the keys of the old layout (section 6) in place and return `state`: with num_res_blocks=2, e.g.,
+        `down.3.0.conv1.weight` -> `down_levels.1.blocks.0.res.conv1.weight`. Only keys starting with `prefix` (this
+        UNet's name in a larger model) are renamed; one whose new name is there too is left alone, so that strict
+        loading reports it rather than one of the two winning silently. Runs before every load_state_dict."""
+        table = old_layout_names(self)
+        for key in [k for k in state if k.startswith(prefix)]:
+            parts = key[len(prefix):].split(".", 3)  # e.g. ["down", "3", "0", "conv1.weight"]
+            module = ".".join(parts[:3])
+            if module not in table:
+                continue
+            renamed = f"{prefix}{table[module]}.{parts[3]}"
+            if renamed not in state:
+                state[renamed] = state.pop(key)
+        return state
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None,
                      context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -449,3 +517,44 @@ class UNet(nn.Module):
         if context.shape[0] != b:
             raise ValueError(f"context has batch size {context.shape[0]} but x has {b}; give one context "
                              "sequence per image (e.g. context.expand(B, -1, -1))")
+
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Checkpoints saved before the UNet was built of levels (issue 10)
+# --------------------------------------------------------------------------------------------------
+
+
+def old_layout_names(unet: UNet) -> dict[str, str]:
+    """{old module name: today's} for checkpoints whose UNet held flat lists of stages, in the order they ran:
+    `down.{i}` = [ResBlock, (SpatialTransformer)] or [Downsample], `up.{i}` = [ResBlock, (SpatialTransformer),
+    (Upsample)]. The same modules in the same order as today, so only the names change."""
+    down, up = [], []  # the old stages, each a list of today's module names
+    for i, level in enumerate(unet.down_levels):
+        down += [[f"down_levels.{i}.blocks.{j}.{name}" for name, _ in block.named_children()]
+                 for j, block in enumerate(level.blocks)]
+        if level.downsample is not None:
+            down.append([f"down_levels.{i}.downsample"])
+    for i, level in enumerate(unet.up_levels):
+        up += [[f"up_levels.{i}.blocks.{j}.{name}" for name, _ in block.named_children()]
+               for j, block in enumerate(level.blocks)]
+        if level.upsample is not None:
+            up[-1].append(f"up_levels.{i}.upsample")
+    return {f"{old}.{i}.{k}": new for old, stages in (("down", down), ("up", up))
+            for i, stage in enumerate(stages) for k, new in enumerate(stage)}
+
+
+def upgrade_unet_keys(model: nn.Module, state: dict) -> dict:
+    """A copy of `state` (keyed like `model.state_dict()` or `model.named_parameters()`) with the keys of every UNet
+    inside `model` renamed to today's layout: for weights loaded without `load_state_dict`, e.g. EMA shadows."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, UNet):
+            module.upgrade_state_dict(state, prefix=f"{name}." if name else "")
+    return state
+
+
+def _upgrade_before_loading(unet: UNet, state_dict: dict, prefix: str, *args) -> None:
+    """The UNet's load_state_dict pre-hook: old-layout keys are renamed, then everything loads as usual; a state
+    dict that fits neither layout still fails strict loading, which names the missing and unexpected keys."""
+    unet.upgrade_state_dict(state_dict, prefix)

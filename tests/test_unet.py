@@ -2,6 +2,7 @@
 gradient flow, conditioning, input validation, and a tiny UNet that learns to denoise."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,7 +214,7 @@ def test_channels_last_gives_the_same_output():
 def test_parameter_counts_add_up():
     unet = UNet(tiny(context_dim=12))
     counts = parameter_counts(unet)
-    assert set(counts) == {"time_embed", "conv_in", "down", "mid", "up", "out", "total"}
+    assert set(counts) == {"time_embed", "conv_in", "down_levels", "mid", "up_levels", "out", "total"}
     assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
     assert counts["total"] == sum(p.numel() for p in unet.parameters())
     assert counts["conv_in"] == 2 * 16 * 9 + 16
@@ -348,3 +349,111 @@ def test_position_embedding_breaks_the_translation_symmetry_of_a_spatial_transfo
         output_of_rolled = block(x.roll(2, dims=-1), context)
     same = torch.allclose(rolled_output, output_of_rolled, atol=1e-5)
     assert same != with_positions
+
+
+# ------------------------------------------------------------------------------------------------
+# levels and their skips; checkpoints saved in the old layout (flat `down`/`up` lists of stages)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_each_level_keeps_its_skips_at_its_own_resolution():
+    """DownLevel l returns its input and each block's output, all at H / 2**l; the UpLevel of the same resolution
+    (up_levels run deepest first) has one block per skip. The middle block is indexable: exercise 04 reads
+    `unet.mid[1]`, its SpatialTransformer."""
+    cfg = tiny(channel_mult=(1, 2, 3), num_res_blocks=2, image_size=16)
+    unet = UNet(cfg)
+    h, emb = unet.conv_in(torch.randn(2, 2, 16, 16)), unet.time_embed(timestep_embedding(torch.tensor([1, 2]), 16))
+    for level, (down, up) in enumerate(zip(unet.down_levels, reversed(unet.up_levels))):
+        h, skips = down(h, emb)
+        assert [tuple(s.shape) for s in skips] == [(2, c, 16 >> level, 16 >> level) for c in down.skip_channels]
+        assert len(up.blocks) == len(skips) == cfg.num_res_blocks + 1
+        assert (down.downsample is None, up.upsample is None) == (level == 2, level == 0)
+    assert isinstance(unet.mid[1], SpatialTransformer)
+
+
+OLD_LAYOUT = Path(__file__).parent / "data" / "unet_old_layout.pt"
+
+
+def old_layout(name: str) -> tuple[UNetConfig, dict, tuple, torch.Tensor]:
+    """(config, state dict in the old layout, inputs (x, t, context, context_mask), output of the old code).
+
+    tests/data/unet_old_layout.pt was written once with the UNet of commit 3b989ac (flat `down`/`up` lists of
+    Stages), per config: a fresh UNet, its zero-initialised weights drawn from N(0, 0.05^2), every weight rounded
+    to a multiple of 1/64 and stored as int8 codes (weight = code / 64, exact in float32; 37 KB instead of 150),
+    with the old keys and shapes in state_dict order and the old code's output on a fixed input."""
+    f = torch.load(OLD_LAYOUT, weights_only=True)[name]
+    weights = torch.split(f["codes"].float() / 64, [math.prod(shape) for shape in f["shapes"]])
+    state = {key: w.view(shape) for key, w, shape in zip(f["keys"], weights, f["shapes"])}
+    return UNetConfig(**f["config"]), state, (f["x"], f["t"], f["context"], f["context_mask"]), f["out"]
+
+
+OLD_LAYOUTS = ["r1_attn1", "r2_attn0_pos"]  # num_res_blocks 1 and 2, attention at level 1 or 0, positions off/on
+
+
+@pytest.mark.parametrize("name", OLD_LAYOUTS)
+def test_old_layout_state_dict_loads_with_the_same_outputs(name):
+    cfg, old_state, inputs, expected = old_layout(name)
+    assert any(key.startswith("down.") for key in old_state)  # the fixture really is in the old layout
+    unet = UNet(cfg).eval()
+    unet.load_state_dict(old_state)  # strict: every weight found a place
+    with torch.no_grad():
+        torch.testing.assert_close(unet(*inputs), expected, atol=1e-5, rtol=0)
+    again = UNet(cfg).eval()
+    again.load_state_dict(unet.state_dict())  # today's layout loads too (nothing to rename)
+    with torch.no_grad():
+        torch.testing.assert_close(again(*inputs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", OLD_LAYOUTS)
+def test_old_layout_names_the_same_parameters_in_the_same_order(name):
+    """Same modules, same order: an optimizer state saved with the old layout (parameters by position) resumes."""
+    cfg, old_state, _, _ = old_layout(name)
+    unet = UNet(cfg)
+    renamed = [next(iter(unet.upgrade_state_dict({key: None}))) for key in old_state]
+    assert renamed == [n for n, _ in unet.named_parameters()]
+    first_of_level_1 = f"down.{cfg.num_res_blocks + 1}.0.conv1.weight"  # after level 0's blocks and Downsample
+    assert renamed[list(old_state).index(first_of_level_1)] == "down_levels.1.blocks.0.res.conv1.weight"
+
+
+def test_a_state_dict_that_fits_neither_layout_raises():
+    cfg, old_state, _, _ = old_layout("r1_attn1")
+    unet = UNet(cfg)
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+        unet.load_state_dict(old_layout("r2_attn0_pos")[1])  # another architecture
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*Unexpected key.*down\.9\.0\.conv1\.weight"):
+        unet.load_state_dict({k.replace("down.2.0.", "down.9.0."): v for k, v in old_state.items()})  # no such stage
+    both = {**old_state, "down_levels.1.blocks.0.res.conv1.weight": old_state["down.2.0.conv1.weight"]}
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*down\.2\.0\.conv1\.weight"):
+        unet.load_state_dict(both)  # old and new name of one weight: neither wins silently
+
+
+def test_old_layout_checkpoint_and_its_ema_weights_load(tmp_path):
+    """A diffusion checkpoint of the old layout, as `Trainer.save` wrote it: the model through the UNet's
+    load_state_dict pre-hook, the EMA shadows (named like the Denoiser's parameters, `unet.down.2.0...`) through
+    `use_ema_weights`."""
+    from minildm.checkpoint import save_checkpoint
+    from minildm.diffusion import DiffusionConfig
+    from minildm.ema import EMA
+    from minildm.pipeline import DiffusionTask, load_diffusion
+    from minildm.text import TextConfig
+
+    cfg, old_state, (x, t, context, mask), expected = old_layout("r1_attn1")
+    task = DiffusionTask(cfg, TextConfig(dim=cfg.context_dim, depth=1, heads=2), DiffusionConfig())
+
+    def old_names(state: dict, prefix: str, unet_state: dict) -> dict:
+        return {**{k: v for k, v in state.items() if not k.startswith(prefix)},
+                **{prefix + k: v for k, v in unet_state.items()}}
+
+    raw = {k: v / 2 for k, v in old_state.items()}  # the raw weights differ from the averaged ones
+    ema = EMA(task.denoiser).state_dict()
+    ema["shadow"] = old_names(ema["shadow"], "unet.", old_state)
+    path = save_checkpoint(tmp_path / "old.pt", {"kind": "diffusion", "config": task.config_dict(), "ema": ema,
+                                                 "model": old_names(task.state_dict(), "denoiser.unet.", raw)})
+    reference = UNet(cfg).eval()
+    reference.load_state_dict(raw)
+    for use_ema, want in [(True, expected), (False, None)]:
+        denoiser = load_diffusion(path, use_ema=use_ema)[0]
+        with torch.no_grad():
+            got = denoiser.unet(x, t, context, mask)
+            want = expected if use_ema else reference(x, t, context, mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
