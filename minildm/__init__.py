@@ -1,7 +1,7 @@
 """minildm: latent diffusion from scratch, one stage per notebook.
 
 Stages (one module each, data flowing one way):
-data -> autoencoder -> schedules / unet / text / denoiser / diffusion -> samplers -> judge / metrics,
+data -> autoencoder (+ regularizers) -> schedules / unet / text / denoiser / diffusion -> samplers -> judge / metrics,
 with the shared layers (layers.py), the trainer (train.py), checkpoints (checkpoint.py), device handling
 (device.py), presets (config.py) and the stages wired together (pipeline.py) beside them.
 

@@ -4,22 +4,17 @@ Latent diffusion (Rombach et al. 2022, Sec. 3.1) does not run diffusion on pixel
 compresses an image x of shape (3, H, W) into a latent z of shape (c, H/f, W/f), f = downsampling factor,
 and a decoder maps z back to pixels. Diffusion then runs on z, which is f^2 * 3 / c times smaller.
 
-To keep the latent space well behaved the paper tries two regularisers:
-- "kl": the encoder outputs a diagonal Gaussian q(z|x) = N(mean, exp(logvar)), a sample is drawn with the
-  reparameterisation trick, and a tiny KL(q || N(0, I)) penalty (weight ~1e-6) keeps the latents near zero
-  (as in a VAE, but far weaker).
-- "vq": each latent vector is snapped to its nearest entry of a learned codebook (VQ-VAE, van den Oord et
-  al. 2017), trained with a codebook loss and a commitment loss, gradients passing the snap by the
-  straight-through estimator.
+To keep the latent space well behaved the paper tries two regularisers, "kl" (a diagonal Gaussian posterior
+and a tiny KL penalty) and "vq" (vector quantisation with a learned codebook). They live in
+`minildm/regularizers.py`, as two modules with one interface; the autoencoder builds the one its config names
+(`Autoencoder.__init__`, the only place that picks) and never asks again which one it holds.
 
-Reading order: config -> building blocks -> Encoder/Decoder -> KL posterior -> vector quantiser ->
-Autoencoder (encode, decode, latent scale factor). The training losses (L1, perceptual, adversarial)
-live in `minildm/losses.py`.
+Reading order: config -> building blocks -> Encoder/Decoder -> Autoencoder (encode, decode, latent scale factor,
+loading old checkpoints). The training losses (L1, perceptual, adversarial) live in `minildm/losses.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from minildm.layers import Downsample, Upsample, count_parameters, group_norm  # noqa: F401 (re-exported)
+from minildm.regularizers import REGULARIZERS, Encoded
 
 SUPPORTED_FACTORS = (1, 2, 4, 8)
 
@@ -59,7 +55,7 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
-        if self.regularizer not in ("kl", "vq"):
+        if self.regularizer not in REGULARIZERS:
             raise ValueError(f"unknown regularizer {self.regularizer!r}; use 'kl' (diagonal Gaussian) "
                              "or 'vq' (vector quantisation)")
         if not 1 <= len(self.channel_mult) <= 4:
@@ -142,13 +138,14 @@ def middle_block(channels: int, attention: bool) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """x (B, in, H, W) -> moments (B, 2c, H/f, W/f) for "kl" (mean and logvar) or z (B, c, H/f, W/f) for "vq".
+    """x (B, in, H, W) -> h (B, out_channels, H/f, W/f), what the regulariser needs: 2c channels for "kl" (mean and
+    logvar), c for "vq" (the vectors to quantise).
 
     conv_in; per level: num_res_blocks ResBlocks, then a Downsample (except at the last level);
     middle block; GroupNorm -> SiLU -> conv_out.
     """
 
-    def __init__(self, cfg: AutoencoderConfig):
+    def __init__(self, cfg: AutoencoderConfig, out_channels: int):
         super().__init__()
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
@@ -162,7 +159,6 @@ class Encoder(nn.Module):
         self.down = nn.Sequential(*layers)
         self.mid = middle_block(ch, cfg.mid_attention)
         self.norm_out = norm(ch)
-        out_channels = 2 * cfg.latent_channels if cfg.regularizer == "kl" else cfg.latent_channels
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -201,172 +197,8 @@ class Decoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# KL regularisation: a diagonal Gaussian posterior q(z|x) = N(mean, diag(exp(logvar)))
-# --------------------------------------------------------------------------------------------------
-
-
-def reparameterize(mean: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:
-    """z = mean + sigma * eps with sigma = exp(logvar / 2) and eps ~ N(0, I): a sample that is
-    differentiable in mean and logvar (Kingma & Welling 2014)."""
-    return mean + torch.exp(0.5 * logvar) * noise
-
-
-def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) = 1/2 * sum_{c,h,w} (mean^2 + exp(logvar) - 1 - logvar).
-    mean, logvar: (B, C, H, W) -> (B,), one value per sample."""
-    return 0.5 * torch.sum(mean**2 + torch.exp(logvar) - 1.0 - logvar, dim=(1, 2, 3))
-
-
-class DiagonalGaussian:
-    """The KL posterior. logvar is clamped to [-30, 20] (as in LDM) so exp(logvar) stays finite."""
-
-    def __init__(self, mean: Tensor, logvar: Tensor):
-        self.mean = mean
-        self.logvar = logvar.clamp(-30.0, 20.0)
-
-    @classmethod
-    def from_moments(cls, moments: Tensor) -> DiagonalGaussian:
-        """Split the encoder output (B, 2c, h, w) into mean and logvar, each (B, c, h, w)."""
-        mean, logvar = moments.chunk(2, dim=1)
-        return cls(mean, logvar)
-
-    @property
-    def std(self) -> Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """A reparameterised sample, differentiable in mean and logvar."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return reparameterize(self.mean, self.logvar, noise)
-
-    def mode(self) -> Tensor:
-        return self.mean
-
-    def kl(self) -> Tensor:
-        """(B,) KL divergence to the standard normal, summed over (C, H, W)."""
-        return kl_divergence(self.mean, self.logvar)
-
-
-# --------------------------------------------------------------------------------------------------
-# VQ regularisation: snap each latent vector to its nearest codebook entry (van den Oord et al. 2017)
-# --------------------------------------------------------------------------------------------------
-
-
-def nearest_code(z: Tensor, codebook: Tensor) -> Tensor:
-    """Index of the nearest code (squared euclidean) for every latent vector.
-    z: (B, C, H, W), codebook: (K, C) -> indices (B, H, W).
-    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2 needs one matrix product instead of a (BHW, K, C) difference."""
-    flat = rearrange(z, "b c h w -> (b h w) c")
-    dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)  # (BHW, K)
-    return rearrange(dist.argmin(dim=1), "(b h w) -> b h w", b=z.shape[0], h=z.shape[2])
-
-
-def autocast_off(device: torch.device):
-    """A context that switches autocast off on CUDA and CPU (other devices have nothing to switch off)."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def straight_through(z: Tensor, z_q: Tensor) -> Tensor:
-    """Forward: z_q. Backward: the identity to z (the snap to the codebook has no useful gradient, so the
-    decoder's gradient w.r.t. z_q is copied onto z)."""
-    return z + (z_q - z).detach()
-
-
-class VectorQuantizer(nn.Module):
-    """Codebook of K vectors of size C, trained with (van den Oord et al. 2017, eq. 3)
-        codebook_loss   = ||sg[z] - e||^2          (moves the codes towards the encoder outputs)
-        commitment_loss = beta * ||z - sg[e]||^2   (keeps the encoder close to its codes)
-    both averaged over elements; sg = stop-gradient (detach).
-
-    Dead codes: a code that no encoder output picks gets no gradient and stays useless forever. Two remedies:
-    - data-dependent initialisation: at the first training step every code is set to a random encoder output
-      of the batch, so the codebook starts where the data is (not as tiny random vectors far from it);
-    - restarts: we count, per code, the training steps since it was last picked (buffer `steps_unused`);
-      every `restart_every` training steps, codes unused for at least that long are re-seeded onto random
-      encoder outputs of the current batch (`restart_dead_codes`), so they can win vectors again.
-    Bookkeeping only happens in training steps: training mode with gradients enabled.
-    """
-
-    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, restart_every: int = 100):
-        super().__init__()
-        self.beta = beta
-        self.restart_every = restart_every
-        self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size))
-        self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-
-    def lookup(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """z (B, C, H, W) -> (nearest codes z_q (B, C, H, W), indices (B, H, W)); z_q is differentiable
-        w.r.t. the codebook only."""
-        with autocast_off(z.device):  # distances in fp32: bf16 would pick the wrong code
-            indices = nearest_code(z.detach().float(), self.codebook.detach().float())
-        return rearrange(self.codebook[indices], "b h w c -> b c h w").to(z.dtype), indices
-
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """z (B, C, H, W) -> (z_q with straight-through gradient, indices (B, H, W), losses and stats)."""
-        z_q, indices = self.lookup(z)
-        counts = torch.bincount(indices.flatten(), minlength=self.codebook.shape[0])  # (K,)
-        p = counts.float() / counts.sum()
-        info = {
-            "codebook_loss": F.mse_loss(z_q, z.detach()),
-            "commitment_loss": self.beta * F.mse_loss(z, z_q.detach()),
-            "perplexity": torch.exp(-torch.xlogy(p, p).sum()),  # K if all codes equally used, 1 if one code
-            "usage": (counts > 0).float().mean(),  # fraction of codes used in this batch
-        }
-        if self.training and torch.is_grad_enabled():
-            self._track_usage(counts, z)
-        return straight_through(z, z_q), indices, info
-
-    @torch.no_grad()
-    def _track_usage(self, counts: Tensor, z: Tensor) -> None:
-        self.step += 1
-        self.steps_unused += 1
-        self.steps_unused[counts > 0] = 0
-        step = int(self.step)
-        if step == 1:
-            self.reseed(torch.ones_like(self.steps_unused, dtype=torch.bool), z)  # data-dependent init
-        elif self.restart_every > 0 and step % self.restart_every == 0:
-            self.restart_dead_codes(z)
-
-    def restart_dead_codes(self, z: Tensor) -> int:
-        """Move every code unused for >= restart_every steps onto a random encoder output of z (B, C, H, W).
-        Returns how many codes moved."""
-        return self.reseed(self.steps_unused >= max(self.restart_every, 1), z)
-
-    @torch.no_grad()
-    def reseed(self, mask: Tensor, z: Tensor) -> int:
-        """Set the codes where mask (K,) is True to random encoder outputs of z (B, C, H, W)."""
-        codes = mask.nonzero().flatten()
-        if len(codes) > 0:
-            flat = rearrange(z.detach(), "b c h w -> (b h w) c")
-            pick = torch.randint(len(flat), (len(codes),), device=flat.device)
-            self.codebook[codes] = flat[pick].to(self.codebook.dtype)
-            self.steps_unused[codes] = 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(self.codebook.data, src=0)  # every rank keeps the same codebook
-        return len(codes)
-
-
-# --------------------------------------------------------------------------------------------------
 # The autoencoder
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Encoded:
-    """What `Autoencoder.encode` returns.
-    z: (B, c, h, w), a posterior sample or mode (kl) or the quantised latents (vq).
-    reg_loss: the weighted regulariser: (B,) for kl, a scalar for vq. The loss module takes its mean.
-    stats: detached scalars for logging (kl: kl, posterior_std; vq: losses, perplexity, usage).
-    posterior (kl) / indices (vq): the extra output of each regulariser, None for the other."""
-
-    z: Tensor
-    reg_loss: Tensor
-    stats: dict[str, Tensor]
-    posterior: DiagonalGaussian | None = None
-    indices: Tensor | None = None
 
 
 @dataclass
@@ -381,7 +213,7 @@ class AutoencoderOutput:
 
 
 class Autoencoder(nn.Module):
-    """Encoder + regulariser (KL posterior or vector quantiser) + decoder (LDM Sec. 3.1).
+    """Encoder + regulariser (`KLRegularizer` or `VQRegularizer`, see regularizers.py) + decoder (LDM Sec. 3.1).
 
     Images are (B, in_channels, H, W) in [-1, 1]. The network is convolutional, so any H and W divisible by f
     work (cfg.image_size only fixes `cfg.latent_shape`); self-attention cost grows as (H W / f^2)^2.
@@ -394,11 +226,12 @@ class Autoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        regularizer = REGULARIZERS[cfg.regularizer]  # the one place that picks: KLRegularizer or VQRegularizer
+        self.encoder = Encoder(cfg, out_channels=regularizer.encoder_channels_per_latent * cfg.latent_channels)
         self.decoder = Decoder(cfg)
-        if cfg.regularizer == "vq":
-            self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.commitment_beta,
-                                             cfg.restart_every)
+        # built after encoder and decoder: the codebook draws random numbers too, so a seed gives the same weights
+        # as it always did
+        self.regularizer = regularizer.from_config(cfg)
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
     # ---- input checks ----
@@ -430,23 +263,10 @@ class Autoencoder(nn.Module):
     # ---- encode / decode ----
 
     def encode(self, x: Tensor, sample: bool = True) -> Encoded:
-        """Images (B, in, H, W) -> Encoded. kl: z is a posterior sample (sample=True) or the mean; vq: z is
-        the quantised latent (sample is ignored).
-
-        The KL is divided by the number of pixel values C*H*W: LDM sums its reconstruction loss over pixels,
-        we average it (losses.py), so the same division keeps the paper's balance for kl_weight=1e-6."""
+        """Images (B, in, H, W) -> Encoded (z (B, c, H/f, W/f), weighted regulariser loss, stats). kl: z is a
+        posterior sample (sample=True) or the mean; vq: z is the quantised latent (sample is ignored)."""
         self._check_images(x)
-        h = self.encoder(x)
-        if self.cfg.regularizer == "kl":
-            posterior = DiagonalGaussian.from_moments(h)
-            z = posterior.sample() if sample else posterior.mode()
-            kl = posterior.kl()  # (B,)
-            reg = self.cfg.kl_weight * kl / x[0].numel()
-            stats = {"kl": kl.mean().detach(), "posterior_std": posterior.std.mean().detach()}
-            return Encoded(z, reg, stats, posterior=posterior)
-        z_q, indices, info = self.quantizer(h)
-        reg = info["codebook_loss"] + info["commitment_loss"]
-        return Encoded(z_q, reg, {k: v.detach() for k, v in info.items()}, indices=indices)
+        return self.regularizer(self.encoder(x), sample=sample)  # h: (B, 2c or c, H/f, W/f)
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents (B, c, h, w) -> images (B, in, h*f, w*f)."""
@@ -495,7 +315,24 @@ class Autoencoder(nn.Module):
         code first: LDM puts the quantisation layer inside the decoder (Sec. 3.1), so imperfect latents from a
         diffusion model still decode from codes."""
         self._check_latents(z)
-        z = z / self.scale_factor
-        if self.cfg.regularizer == "vq":
-            z = self.quantizer.lookup(z)[0]
-        return self.decoder(z)  # z was checked above
+        return self.decoder(self.regularizer.decoder_input(z / self.scale_factor))  # z was checked above
+
+    # ---- checkpoints from before the regularisers were modules of their own ----
+
+    @staticmethod
+    def upgrade_state_dict(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """Rename the keys of the old layout in place and return `state`: the VQ codebook and its counters were
+        `quantizer.*`, they are `regularizer.*` now (the KL regulariser has no weights). A key whose new name is
+        there too is left alone, so that strict loading reports it rather than one of the two winning silently.
+        Called by `load_state_dict` (below) and by `EMA.load_state_dict` for the averaged weights."""
+        old, new = prefix + "quantizer.", prefix + "regularizer."
+        for key in [k for k in state if k.startswith(old)]:
+            renamed = new + key[len(old):]
+            if renamed not in state:
+                state[renamed] = state.pop(key)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """nn.Module.load_state_dict calls this before loading the children, on its own copy of the state dict."""
+        self.upgrade_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

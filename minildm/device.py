@@ -42,6 +42,13 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def autocast_off(device: torch.device):
+    """A context that switches autocast off on CUDA and CPU (other devices have nothing to switch off)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a notebook or command runs."""

@@ -27,6 +27,8 @@ class EMA:
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        # a model whose weights were renamed converts old checkpoints' names (e.g. Autoencoder.upgrade_state_dict)
+        self.upgrade_state_dict = getattr(model, "upgrade_state_dict", None)
 
     def next_decay(self) -> float:
         """The decay the next `update` will use (n = updates so far + 1)."""
@@ -90,7 +92,9 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         for key in ("shadow", "buffers"):
-            mine, theirs = getattr(self, key), state[key]
+            mine, theirs = getattr(self, key), dict(state[key])
+            if self.upgrade_state_dict is not None:
+                theirs = self.upgrade_state_dict(theirs)
             if set(mine) != set(theirs):
                 diff = sorted(set(mine) ^ set(theirs))
                 raise ValueError(f"EMA state does not match this model: {key} differ in {diff[:5]}")

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minildm.autoencoder import AutoencoderOutput, autocast_off
+from minildm.autoencoder import AutoencoderOutput
+from minildm.device import autocast_off
 from minildm.layers import group_norm
 
 # --------------------------------------------------------------------------------------------------

@@ -1,18 +1,22 @@
-"""Stage 2: the autoencoder (minildm/autoencoder.py): KL and VQ pieces against closed forms, shapes, the latent
-scale factor, input errors, and a tiny model that learns to reconstruct."""
+"""Stage 2: the autoencoder (minildm/autoencoder.py) and its regularisers (minildm/regularizers.py): KL and VQ
+pieces against closed forms, shapes, the latent scale factor, old checkpoints, input errors, and a tiny model that
+learns to reconstruct."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minildm.autoencoder import (
-    Autoencoder,
-    AutoencoderConfig,
+from minildm.autoencoder import Autoencoder, AutoencoderConfig, count_parameters
+from minildm.checkpoint import save_checkpoint
+from minildm.ema import EMA
+from minildm.losses import AutoencoderLossConfig
+from minildm.regularizers import (
     DiagonalGaussian,
-    VectorQuantizer,
-    count_parameters,
+    KLRegularizer,
+    VQRegularizer,
     kl_divergence,
     nearest_code,
     reparameterize,
@@ -81,6 +85,24 @@ def test_diagonal_gaussian_clamps_logvar_and_splits_moments():
     assert torch.isfinite(post.kl()).all()
 
 
+def test_kl_regularizer_matches_the_closed_form_for_a_known_posterior():
+    """mean 1, variance 4 everywhere: KL = 1/2 (mean^2 + var - 1 - log var) = 1/2 (4 - log 4) per latent value."""
+    mean, logvar = torch.ones(2, 3, 4, 5), torch.full((2, 3, 4, 5), math.log(4.0))
+    reg = KLRegularizer(weight=0.1, values_per_position=7)
+    enc = reg(torch.cat([mean, logvar], dim=1), sample=False)  # h: (B, 2c, h, w), the mean first
+    kl = 0.5 * (4 - math.log(4)) * 3 * 4 * 5  # summed over (c, h, w)
+    torch.testing.assert_close(enc.z, mean)  # sample=False: the mode
+    torch.testing.assert_close(enc.reg_loss, torch.full((2,), 0.1 * kl / (7 * 4 * 5)))  # / (C H W) of the image
+    torch.testing.assert_close(enc.stats["kl"], torch.tensor(kl))
+    torch.testing.assert_close(enc.stats["posterior_std"], torch.tensor(2.0))
+    assert enc.indices is None and torch.equal(enc.posterior.logvar, logvar)
+    torch.manual_seed(3)
+    z = reg(torch.cat([mean, logvar], dim=1), sample=True).z
+    torch.manual_seed(3)
+    torch.testing.assert_close(z, 1 + 2 * torch.randn(2, 3, 4, 5))  # mean + std * eps
+    assert reg.decoder_input(z) is z
+
+
 # ---------------------------------------------------------------- VQ
 
 
@@ -104,42 +126,47 @@ def test_straight_through_forward_value_and_identity_gradient():
     torch.testing.assert_close(z.grad, torch.ones_like(z))
 
 
-def test_vector_quantizer_losses_and_gradients_match_formulas():
+def test_vq_regularizer_picks_the_nearest_code_and_its_losses_and_gradients_match_formulas():
     torch.manual_seed(0)
-    vq = VectorQuantizer(codebook_size=8, dim=3, beta=0.25).eval()  # eval: no codebook bookkeeping
+    vq = VQRegularizer(codebook_size=8, dim=3, beta=0.25).eval()  # eval: no codebook bookkeeping
     with torch.no_grad():
         vq.codebook.copy_(torch.randn(8, 3))
-    z = torch.randn(2, 3, 4, 4, requires_grad=True)
-    z_st, idx, info = vq(z)
-    e = vq.codebook.detach()[idx].permute(0, 3, 1, 2)  # (B, C, H, W) chosen codes
-    torch.testing.assert_close(z_st, e)
-    sq = (z.detach() - e).pow(2).mean()
-    torch.testing.assert_close(info["codebook_loss"], sq)
-    torch.testing.assert_close(info["commitment_loss"], 0.25 * sq)
+    h = torch.randn(2, 3, 4, 4, requires_grad=True)
+    enc = vq(h, sample=True)  # sample makes no difference to vq
+    flat = h.detach().permute(0, 2, 3, 1).reshape(-1, 3)  # (B H W, C)
+    idx = torch.cdist(flat, vq.codebook.detach()).argmin(dim=1)  # (B H W,) nearest code, by brute force
+    assert enc.posterior is None and torch.equal(enc.indices, idx.view(2, 4, 4))
+    e = vq.codebook.detach()[idx].view(2, 4, 4, 3).permute(0, 3, 1, 2)  # (B, C, H, W) chosen codes
+    torch.testing.assert_close(enc.z, e)
+    sq = (h.detach() - e).pow(2).mean()
+    torch.testing.assert_close(enc.stats["codebook_loss"], sq)
+    torch.testing.assert_close(enc.stats["commitment_loss"], 0.25 * sq)
+    torch.testing.assert_close(enc.reg_loss, 1.25 * sq)
     # the codebook loss moves only the codes, the commitment loss only the encoder output
-    info["codebook_loss"].backward(retain_graph=True)
-    assert z.grad is None
-    assert vq.codebook.grad.abs().sum() > 0
-    vq.codebook.grad = None
-    info["commitment_loss"].backward()
-    torch.testing.assert_close(z.grad, 0.25 * 2 * (z.detach() - e) / z.numel())
-    assert vq.codebook.grad is None or vq.codebook.grad.abs().sum() == 0
+    enc.reg_loss.backward(retain_graph=True)
+    torch.testing.assert_close(h.grad, 0.25 * 2 * (h.detach() - e) / h.numel())
+    per_code = torch.zeros(8, 3).index_add_(0, idx, 2 * (vq.codebook.detach()[idx] - flat) / h.numel())
+    torch.testing.assert_close(vq.codebook.grad, per_code)
+    h.grad = None
+    enc.z.sum().backward()  # straight-through: the decoder's gradient reaches h unchanged
+    torch.testing.assert_close(h.grad, torch.ones_like(h))
+    torch.testing.assert_close(vq.decoder_input(h.detach()), e)  # latents from elsewhere are snapped too
 
 
 def test_perplexity_and_usage_uniform_and_single_code():
-    vq = VectorQuantizer(codebook_size=6, dim=2).eval()
+    vq = VQRegularizer(codebook_size=6, dim=2).eval()
     with torch.no_grad():
         vq.codebook.copy_(torch.arange(12.0).view(6, 2))
     uniform = vq.codebook.detach().T.reshape(1, 2, 2, 3)  # every code exactly once
-    _, idx, info = vq(uniform)
-    assert sorted(idx.flatten().tolist()) == list(range(6))
-    torch.testing.assert_close(info["perplexity"], torch.tensor(6.0))
-    torch.testing.assert_close(info["usage"], torch.tensor(1.0))
+    enc = vq(uniform)
+    assert sorted(enc.indices.flatten().tolist()) == list(range(6))
+    torch.testing.assert_close(enc.stats["perplexity"], torch.tensor(6.0))
+    torch.testing.assert_close(enc.stats["usage"], torch.tensor(1.0))
     single = vq.codebook.detach()[2].view(1, 2, 1, 1).expand(3, 2, 4, 4)
-    _, idx, info = vq(single)
-    assert idx.eq(2).all()
-    torch.testing.assert_close(info["perplexity"], torch.tensor(1.0))
-    torch.testing.assert_close(info["usage"], torch.tensor(1 / 6))
+    enc = vq(single)
+    assert enc.indices.eq(2).all()
+    torch.testing.assert_close(enc.stats["perplexity"], torch.tensor(1.0))
+    torch.testing.assert_close(enc.stats["usage"], torch.tensor(1 / 6))
 
 
 def is_encoder_output(code: torch.Tensor, z: torch.Tensor) -> bool:
@@ -148,7 +175,7 @@ def is_encoder_output(code: torch.Tensor, z: torch.Tensor) -> bool:
 
 def test_first_training_step_initialises_codes_from_encoder_outputs():
     torch.manual_seed(0)
-    vq = VectorQuantizer(codebook_size=5, dim=2).train()
+    vq = VQRegularizer(codebook_size=5, dim=2).train()
     z = 3 + torch.rand(2, 2, 3, 3, requires_grad=True)  # far from the initial codes in [-1/5, 1/5]
     vq(z)
     assert all(is_encoder_output(code, z) for code in vq.codebook.detach())
@@ -156,7 +183,7 @@ def test_first_training_step_initialises_codes_from_encoder_outputs():
 
 def test_dead_codes_restart_onto_encoder_outputs():
     torch.manual_seed(0)
-    vq = VectorQuantizer(codebook_size=6, dim=2, restart_every=3).train()
+    vq = VQRegularizer(codebook_size=6, dim=2, restart_every=3).train()
     z = torch.rand(2, 2, 3, 3, requires_grad=True)  # in [0, 1]^2: near codes 0 and 1 below, far from 2..5
     vq(z)  # step 1: data-dependent init; now replace the codebook by one with 4 unreachable codes
     with torch.no_grad():
@@ -175,7 +202,7 @@ def test_dead_codes_restart_onto_encoder_outputs():
 
 
 def test_no_codebook_bookkeeping_in_eval_or_without_grad():
-    vq = VectorQuantizer(codebook_size=4, dim=2, restart_every=1)
+    vq = VQRegularizer(codebook_size=4, dim=2, restart_every=1)
     before = vq.codebook.detach().clone()
     vq.eval()(torch.randn(1, 2, 2, 2))
     with torch.no_grad():
@@ -225,7 +252,7 @@ def test_vq_encode_returns_codes_and_summed_losses():
     ae = Autoencoder(tiny_cfg(regularizer="vq", codebook_size=16)).eval()
     x = smooth_images(2)
     enc = ae.encode(x)
-    torch.testing.assert_close(enc.z, ae.quantizer.codebook.detach()[enc.indices].permute(0, 3, 1, 2))
+    torch.testing.assert_close(enc.z, ae.regularizer.codebook.detach()[enc.indices].permute(0, 3, 1, 2))
     torch.testing.assert_close(enc.reg_loss, enc.stats["codebook_loss"] + enc.stats["commitment_loss"])
 
 
@@ -268,6 +295,63 @@ def test_encode_decode_latents_round_trip_matches_decode_of_mode(reg):
         z = ae.encode(x, sample=False).z
         torch.testing.assert_close(latents, 0.37 * z)
         torch.testing.assert_close(ae.decode_latents(latents), ae.decode(z), rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- checkpoints from before regularizers.py
+
+
+def old_layout(state: dict) -> dict:
+    """A state dict as saved before the regularisers were modules: the VQ weights under `quantizer.`."""
+    return {k.replace("regularizer.", "quantizer."): v for k, v in state.items()}
+
+
+def test_old_vq_state_dicts_and_ema_states_load_with_the_right_weights(tmp_path):
+    from minildm.pipeline import AutoencoderTask, load_autoencoder
+
+    cfg = tiny_cfg(regularizer="vq", codebook_size=16)
+    torch.manual_seed(0)
+    ae = Autoencoder(cfg)
+    ae(smooth_images(2))  # a training-mode forward: data-dependent codebook, counters move
+    ae.eval().scale_factor.fill_(0.5)
+    assert "quantizer.codebook" in old_layout(ae.state_dict()) and ae.regularizer.step.item() == 1
+    x, latents = smooth_images(2, seed=1), torch.randn(2, *cfg.latent_shape)
+
+    def outputs(model):
+        with torch.no_grad():
+            enc = model.encode(x)
+            return enc.z, enc.reg_loss, enc.indices, model.decode_latents(latents)
+
+    torch.manual_seed(1)
+    fresh = Autoencoder(cfg).eval()  # other random weights
+    fresh.load_state_dict(old_layout(ae.state_dict()))
+    for got, want in zip(outputs(fresh), outputs(ae)):
+        assert torch.equal(got, want)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in ae.state_dict().items())
+    # the averaged weights (EMA) of a checkpoint are keyed the old way too
+    torch.manual_seed(2)
+    fresh, ema_state = Autoencoder(cfg).eval(), EMA(ae).state_dict()
+    ema_state = {**ema_state, "shadow": old_layout(ema_state["shadow"]), "buffers": old_layout(ema_state["buffers"])}
+    ema = EMA(fresh)
+    ema.load_state_dict(ema_state)
+    ema.copy_to(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(fresh), outputs(ae)))
+    # the whole way: a checkpoint file written before, read by load_autoencoder
+    loss_cfg = AutoencoderLossConfig(perceptual_weight=0.0, disc_weight=0.0)
+    task = AutoencoderTask(cfg, loss_cfg)
+    task.autoencoder.load_state_dict(ae.state_dict())
+    save_checkpoint(tmp_path / "old.pt", {
+        "kind": "autoencoder", "config": {"model": dataclasses.asdict(cfg), "loss": dataclasses.asdict(loss_cfg)},
+        "model": old_layout(task.state_dict()), "ema": ema_state})
+    assert all(torch.equal(a, b) for a, b in zip(outputs(load_autoencoder(tmp_path / "old.pt")), outputs(ae)))
+
+
+def test_old_and_new_names_together_are_refused_not_guessed():
+    ae = Autoencoder(tiny_cfg(regularizer="vq", codebook_size=16))
+    both = {**ae.state_dict(), "quantizer.codebook": torch.zeros(16, 4)}
+    with pytest.raises(RuntimeError, match="quantizer.codebook"):
+        ae.load_state_dict(both)
+    with pytest.raises(RuntimeError, match="Missing key.*regularizer.codebook"):  # a KL state dict into a VQ model
+        ae.load_state_dict(Autoencoder(tiny_cfg()).state_dict())
 
 
 def test_compute_scale_factor_rejects_bad_batches():

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from minildm import autoencoder as ref
 from minildm import diffusion, judge, metrics, schedules, unet
+from minildm import regularizers as ref
 from minildm.checks import ExerciseError
 from minildm.checks import stage02 as s02
 from minildm.checks import stage03 as s03

@@ -1,11 +1,11 @@
 """Checkers for exercise 02 (the autoencoder): reparameterisation, the KL term, nearest-code
-quantisation and the straight-through estimator. References: minildm.autoencoder."""
+quantisation and the straight-through estimator. References: minildm.regularizers."""
 
 from __future__ import annotations
 
 import torch
 
-from minildm import autoencoder as ref
+from minildm import regularizers as ref
 from minildm.checks import ExerciseError, call, expect_tensor, passed
 
 
