@@ -11,7 +11,7 @@ from torch import nn
 
 from minildm.device import to_device
 from minildm.text import TextConfig, TextEncoder, WordTokenizer
-from minildm.unet import UNet, UNetConfig
+from minildm.unet import UNet, UNetConfig, upgrade_unet_keys
 
 
 class Denoiser(nn.Module):
@@ -41,6 +41,11 @@ class Denoiser(nn.Module):
         """Token ids (B, L) -> (context (B, L, dim), mask (B, L), True at real tokens; None without masking)."""
         mask = ids != self.text_encoder.pad_id if self.text_cfg.mask_padding else None
         return self.text_encoder(ids), mask
+
+    def upgrade_state_dict(self, state: dict) -> dict:
+        """Weights named in an older layout of the UNet, renamed to today's (the EMA calls this when a run
+        resumes from an old checkpoint; `load_state_dict` converts by itself)."""
+        return upgrade_unet_keys(self, state)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         context, mask = self.encode_text(ids)

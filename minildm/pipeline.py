@@ -28,7 +28,7 @@ from minildm.samplers import DEFAULT_STEPS, sample
 from minildm.schedules import NoiseSchedule
 from minildm.text import TextConfig, WordTokenizer, drop_captions
 from minildm.train import Trainer
-from minildm.unet import UNetConfig, upgrade_unet_keys
+from minildm.unet import UNetConfig
 
 
 class AutoencoderTask(nn.Module):
@@ -118,8 +118,7 @@ def set_scale_factor(autoencoder: Autoencoder, ema: EMA | None, value: float) ->
 def use_ema_weights(module: nn.Module, ema_state: dict) -> None:
     """Overwrite `module`'s weights with the averaged ones stored in a checkpoint's "ema" entry."""
     ema = EMA(module)
-    # checkpoints from before the UNet was built of levels name its weights in the old layout
-    ema.load_state_dict({**ema_state, **{k: upgrade_unet_keys(module, ema_state[k]) for k in ("shadow", "buffers")}})
+    ema.load_state_dict(ema_state)  # old names converted by the module's upgrade_state_dict (see EMA)
     ema.copy_to(module)
 
 

@@ -174,3 +174,24 @@ def test_cuda_training_step_never_makes_the_host_wait(stage):
         trainer.train_step(batch_at(1))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cpu_threads_follow_omp_num_threads_else_half_the_cores(monkeypatch):
+    """Fast mode on a busy two-core laptop: one torch thread, not two that wait for each other."""
+    import os
+
+    from minildm.device import cpu_threads, setup
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cpu_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert cpu_threads() == 8
+    before = torch.get_num_threads()
+    try:
+        rt = setup(0, device="cpu", verbose=False)
+        assert torch.get_num_threads() == 8 and "cpu (8 threads)" in rt.describe()
+    finally:
+        torch.set_num_threads(before)

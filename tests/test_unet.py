@@ -457,3 +457,8 @@ def test_old_layout_checkpoint_and_its_ema_weights_load(tmp_path):
             got = denoiser.unet(x, t, context, mask)
             want = expected if use_ema else reference(x, t, context, mask)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # resuming training loads the EMA itself (Trainer.load): the Denoiser converts the old names for it
+    resumed = EMA(task.denoiser)
+    resumed.load_state_dict(ema)
+    torch.testing.assert_close(resumed.shadow["unet.down_levels.0.blocks.0.res.conv1.weight"],
+                               old_state["down.0.0.conv1.weight"])
