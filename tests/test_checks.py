@@ -224,22 +224,33 @@ CHECKERS = [
 
 STAGE02 = [
     # (checker, reference, [(wrong answer, expected message fragment), ...])
+    # The common mistakes get their own message (named before the generic "values are off"):
     (s02.check_reparameterize, ref.reparameterize, [
-        (lambda m, lv, n: m + torch.exp(lv) * n, "values are off"),  # used the variance, not sigma
+        (lambda m, lv, n: m + torch.exp(lv) * n, "by exp\\(logvar\\), the variance"),
+        (lambda m, lv, n: m + lv * n, "by logvar itself"),
+        (lambda m, lv, n: m + torch.exp(lv / 2), "the noise is missing"),
+        (lambda m, lv, n: m + n, "logvar is missing"),
+        (lambda m, lv, n: m + torch.exp(lv / 3) * n, "values are off"),  # no named mistake: the generic message
         (lambda m, lv, n: (m + torch.exp(0.5 * lv) * n).detach(), "no gradient"),
     ]),
     (s02.check_kl_divergence, ref.kl_divergence, [
-        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum(), "expected shape"),  # summed over the batch too
-        (lambda m, lv: (m**2 + lv.exp() - 1 - lv).sum((1, 2, 3)), "values are off"),  # forgot the 1/2
+        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum(), "returned a single number"),  # over the batch too
+        (lambda m, lv: (m**2 + lv.exp() - 1 - lv).sum((1, 2, 3)), "factor 1/2 is missing"),
+        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).mean((1, 2, 3)), "you averaged over C, H, W"),
+        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 + lv).sum((1, 2, 3)), "sign of the logvar term"),
+        (lambda m, lv: 0.5 * (m**2 + (lv / 2).exp() - 1 - lv).sum((1, 2, 3)), "standard deviation"),
+        (lambda m, lv: 0.5 * (m + lv.exp() - 1 - lv).sum((1, 2, 3)), "mean must enter squared"),
+        (lambda m, lv: 0.4 * (m**2 + lv.exp() - 1 - lv).sum((1, 2, 3)), "values are off"),
     ]),
     (s02.check_nearest_code, ref.nearest_code, [
         (lambda z, e: torch.cdist(rearrange(z, "b c h w -> b (h w) c"), e[None]).argmax(-1)
-         .reshape(z.shape[0], *z.shape[2:]), "entries differ"),  # farthest, not nearest
+         .reshape(z.shape[0], *z.shape[2:]), "farthest codes"),
         (lambda z, e: torch.cdist(rearrange(z, "b c h w -> (b h w) c"), e).argmin(-1), "expected shape"),
     ]),
     (s02.check_straight_through, ref.straight_through, [
         (lambda z, zq: zq, "no gradient path"),
-        (lambda z, zq: z, "values are off"),
+        (lambda z, zq: z, "the output equals z"),
+        (lambda z, zq: zq + (z - zq).detach(), "the output equals z"),  # detached the wrong term
         (lambda z, zq: z + (zq - z), "backward"),  # no detach: gradient w.r.t. z vanishes
     ]),
 ]
