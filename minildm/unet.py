@@ -116,7 +116,7 @@ class Attention(nn.Module):
     (B, L, context_dim) for cross-attention or from x itself for self-attention.
 
     Set `store_maps = True` to keep the attention weights (B, heads, N, L) of each call in `self.maps`
-    (computed a second time, explicitly, so that they can be drawn; notebook 08 shows them per token).
+    (computed a second time, explicitly, so that they can be drawn per token).
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 4, head_dim: int = 32):
