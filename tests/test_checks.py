@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from minildm import diffusion, judge, metrics, schedules, unet
+from minildm import checks, diffusion, judge, metrics, schedules, unet
 from minildm import regularizers as ref
 from minildm.checks import ExerciseError
 from minildm.checks import stage02 as s02
@@ -16,6 +16,23 @@ from minildm.checks import stage03 as s03
 from minildm.checks import stage04 as s04
 from minildm.checks import stage05 as s05
 from minildm.checks import stage07 as s07
+from minildm.checks import stage08 as s08
+
+STAGES = (s02, s03, s04, s05, s07, s08)
+
+
+@pytest.fixture(autouse=True)
+def answers_from_this_file_count_as_written_in_a_notebook(monkeypatch):
+    """The answers below live in this test module, not in a notebook's __main__: the checkers' guard
+    (`written_here`, tested at the end of this file with the `real_guard` fixture) would refuse them all."""
+    for stage in STAGES:
+        monkeypatch.setattr(stage, "written_here", lambda fn, name: None)
+
+
+@pytest.fixture
+def real_guard(monkeypatch):
+    for stage in STAGES:
+        monkeypatch.setattr(stage, "written_here", checks.written_here)
 
 
 def unfilled(*args):
@@ -480,7 +497,6 @@ def test_stage07_checkers_leave_the_global_random_state_alone():
 
 
 from minildm import samplers
-from minildm.checks import stage08 as s08
 
 
 def ddim_step(x_t, eps, ab_t, ab_prev, eta, noise, mistake=None):
@@ -542,3 +558,70 @@ def test_stage08_checkers_leave_the_global_random_state_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+# ---- the guard every checker calls first: the student's own function, not the package's answer ------------------
+
+import functools
+
+KL_SOURCE = """
+import torch
+from minildm import regularizers
+from minildm.checks import stage02 as checks
+
+def kl_divergence(mean, logvar):
+    return 0.5 * torch.sum(mean**2 + torch.exp(logvar) - 1.0 - logvar, dim=(1, 2, 3))
+
+def wrapper(mean, logvar):
+    return regularizers.kl_divergence(mean, logvar)
+
+def through_the_checkers(mean, logvar):
+    return checks.ref.kl_divergence(mean, logvar)
+
+def imports_inside(mean, logvar):
+    from minildm.regularizers import kl_divergence as answer
+    return answer(mean, logvar)
+
+def in_a_default(mean, logvar, answer=regularizers.kl_divergence):
+    return answer(mean, logvar)
+
+def calls_a_notebook_wrapper(mean, logvar):
+    return [wrapper(m[None], lv[None]) for m, lv in zip(mean, logvar)][0]
+"""
+
+
+def in_main(source: str) -> dict:
+    """Run `source` as a notebook cell does: in a namespace whose __name__ is "__main__"."""
+    namespace = {"__name__": "__main__"}
+    exec(compile(source, "<notebook cell>", "exec"), namespace)  # noqa: S102 (our own test source)
+    return namespace
+
+
+def test_guard_accepts_a_function_written_in_the_notebook(real_guard, capsys):
+    answer = in_main(KL_SOURCE)["kl_divergence"]
+    checks.written_here(answer, "kl_divergence")
+    checks.written_here(in_main("double = lambda x: 2 * x")["double"], "double")
+    s02.check_kl_divergence(answer)
+    assert capsys.readouterr().out.startswith("PASS")
+
+
+@pytest.mark.parametrize("answer", [ref.kl_divergence, functools.partial(ref.kl_divergence), lambda m, lv: m, len],
+                         ids=["package function", "partial", "lambda of another module", "builtin"])
+def test_guard_refuses_what_was_not_defined_in_the_notebook(answer):
+    with pytest.raises(ExerciseError, match="expected your own function"):
+        checks.written_here(answer, "kl_divergence")
+
+
+@pytest.mark.parametrize("name", ["wrapper", "through_the_checkers", "imports_inside", "in_a_default",
+                                  "calls_a_notebook_wrapper"])
+def test_guard_refuses_notebook_code_that_reaches_the_package(name):
+    with pytest.raises(ExerciseError, match="from the minildm package"):
+        checks.written_here(in_main(KL_SOURCE)[name], "kl_divergence")
+
+
+@pytest.mark.parametrize("checker, correct", [(c, answer) for c, answer, _ in STAGE02 + CHECKERS + STAGE07 + STAGE08],
+                         ids=lambda x: getattr(x, "__name__", ""))
+def test_every_checker_calls_the_guard_first(checker, correct, real_guard):
+    """The answers of this file (package functions or this module's) are not a notebook's: every checker refuses them."""
+    with pytest.raises(ExerciseError, match="expected your own function"):
+        checker(correct)

@@ -111,6 +111,21 @@ def _submissions(course: Path) -> None:
     put("kim", nb)
     put("mallory", solved(), name="notes.ipynb")
     put("mallory", solved(), name="scratch.ipynb")
+    # ivan takes three answers from the package (an import, a wrapper, the checkers' own reference) and writes one
+    nb = solved()
+    _cell(nb, "reparameterize")["source"] = "from minildm.regularizers import reparameterize\n"
+    _cell(nb, "kl_divergence")["source"] = ("from minildm import regularizers\n\n\ndef kl_divergence(mean, logvar):\n"
+                                            "    return regularizers.kl_divergence(mean, logvar)\n")
+    _cell(nb, "nearest_code")["source"] = "nearest_code = checks.ref.nearest_code\n"
+    put("ivan", nb)
+    # judy: a wrong KL that passes the hidden asserts, and every checker (and the guard) replaced by a no-op
+    nb = solved()
+    _cell(nb, "reparameterize")["source"] += ("\nimport minildm.checks\n\nminildm.checks.written_here = lambda fn, name: None\n"
+                                              "for _name in dir(checks):\n    if _name.startswith('check_'):\n"
+                                              "        setattr(checks, _name, lambda fn: None)\n")
+    _cell(nb, "kl_divergence")["source"] = ("def kl_divergence(mean, logvar):\n"
+                                            "    return 0.5 * (mean**2).sum(dim=(1, 2, 3))\n")
+    put("judy", nb)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +188,8 @@ EXPECTED = {  # student: (status, graded, points per task or None, marks in the 
     "frank": (INVALID, False, None, ["-", "-", "-", "-", "-"]),
     "grace": (GRADED, True, [2, 2, 2, 2], ["2/2", "2/2", "2/2", "2/2", "8/8"]),
     "heidi": (GRADED, True, [2, 0, 0, 2], ["2/2", "0/2", "0/2", "2/2", "4/8"]),
+    "ivan": (GRADED, True, [0, 0, 0, 2], ["0/2", "0/2", "0/2", "2/2", "2/8"]),
+    "judy": (GRADED, True, [2, 0, 2, 2], ["2/2", "0/2", "2/2", "2/2", "6/8"]),
     "kim": (TIMED_OUT, False, None, ["-", "-", "-", "-", "-"]),
     "mallory": (MISSING, False, None, ["-", "-", "-", "-", "-"]),
 }
@@ -220,6 +237,17 @@ def test_the_checkers_messages_are_reported(graded):
     assert rows["carol", "test_kl_divergence"]["points"] == "0"
     assert rows["alice", "test_kl_divergence"]["points"] == "2" and rows["alice", "test_kl_divergence"]["message"] == ""
     assert rows["erin", "test_kl_divergence"]["points"] == "" and rows["erin", "test_kl_divergence"]["status"] == KERNEL_DIED
+
+
+def test_answers_from_the_package_and_replaced_checkers_score_nothing(graded):
+    """Issue 14: the package's reference answers do not count, and the hidden part of each test cell calls freshly
+    reloaded checkers, which an answer cell cannot have replaced."""
+    ivan = _student(graded["json"], "ivan")["notebooks"][0]["tasks"]
+    assert "expected your own function" in ivan["test_reparameterize"]["message"]
+    assert "from the minildm package" in ivan["test_kl_divergence"]["message"]
+    assert "expected your own function" in ivan["test_nearest_code"]["message"]
+    judy = _student(graded["json"], "judy")["notebooks"][0]["tasks"]
+    assert judy["test_kl_divergence"]["message"].startswith("ExerciseError: kl_divergence")
 
 
 def test_edited_and_deleted_test_cells_are_put_back_and_run(graded):

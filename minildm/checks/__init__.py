@@ -3,16 +3,95 @@
 Every checker calls the student's function on a few inputs, compares with the package's reference
 implementation, and either prints one pass line or raises `ExerciseError` (an AssertionError, so
 nbgrader counts the cell as failed) that says exactly what is wrong: which input, which property
-(type, shape, dtype, value) and by how much.
+(type, shape, dtype, value) and by how much. Every checker first calls `written_here`: the answer must be the
+student's own function, not the package's reference answer.
 """
 
 from __future__ import annotations
+
+import dis
+import types
 
 import torch
 
 
 class ExerciseError(AssertionError):
     """The student's answer is wrong; the message says how."""
+
+
+def _from_package(obj) -> bool:
+    """Whether `obj` is the minildm package, one of its modules, or a function, class or object defined in it."""
+    module = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+    return isinstance(module, str) and module.split(".")[0] == "minildm"
+
+
+def _package_use(fn, seen: set) -> str | None:
+    """The first name by which `fn` (or a notebook function it calls) reaches the minildm package, or None.
+
+    Looks at the global names its code loads and the modules it imports (in nested functions, lambdas and
+    comprehensions too: their code objects sit in co_consts), and at its default arguments and closure."""
+    if id(fn) in seen:
+        return None
+    seen.add(id(fn))
+    reached = list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())
+    reached += [cell.cell_contents for cell in fn.__closure__ or () if cell.cell_contents is not None]
+    codes = [fn.__code__]
+    while codes:
+        code = codes.pop()
+        codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        for ins in dis.get_instructions(code):
+            if ins.opname == "IMPORT_NAME" and ins.argval.split(".")[0] == "minildm":
+                return f"`import {ins.argval}`"
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and ins.argval in fn.__globals__:
+                obj = fn.__globals__[ins.argval]
+                if _from_package(obj):
+                    return f"`{ins.argval}`"
+                reached.append(obj)
+    for obj in reached:
+        if _from_package(obj):
+            return f"`{_label(obj)}`"
+        if isinstance(obj, types.FunctionType) and obj.__module__ == "__main__":  # another notebook function
+            found = _package_use(obj, seen)
+            if found:
+                return f"{found} (through your {obj.__name__})"
+    return None
+
+
+def _label(obj) -> str:
+    """module.name of a function or class, the name of a module, else the type of the object."""
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    if isinstance(obj, (types.FunctionType, type)):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    kind = type(obj)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def written_here(fn, name: str) -> None:
+    """Raise ExerciseError unless `fn` is the student's own code: a plain function defined (`def` or lambda) in
+    the notebook, whose code does not reach the minildm package.
+
+    The package ships every reference answer (the checkers compare with them), so without this guard
+    `from minildm.regularizers import kl_divergence`, or a `def` that only calls it, would score full marks.
+    Refused: a function from another module, a builtin, a functools.partial or other callable object, and a
+    function whose code (nested functions included, and the notebook functions it calls) loads a global bound
+    to anything from minildm (a module such as `checks`, a function, a class or one of its objects), imports
+    minildm or holds such a thing as a default argument or in its closure.
+
+    What it cannot stop: a student who copies the reference's source text into the notebook, or who reaches the
+    package in a roundabout way (`sys.modules`, `__import__`, `getattr` on a torch object, ...), or who patches
+    the package itself from an answer cell. It stops the obvious import; reading the submissions is still the
+    instructor's job. (Checkers replaced from an answer cell, `checks.check_x = lambda fn: None`, are handled
+    elsewhere: the hidden part of every graded cell calls the checker again through a freshly reloaded module.)
+    """
+    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
+        what = _label(fn) if isinstance(fn, types.FunctionType) else f"a {_label(fn)} object"
+        raise ExerciseError(f"{name}: expected your own function, written with `def {name}(...)` in this notebook; "
+                            f"got {what}. Importing the answer from the minildm package does not count.")
+    used = _package_use(fn, set())
+    if used:
+        raise ExerciseError(f"{name}: your function uses {used} from the minildm package, which holds the "
+                            "reference answers; write the computation yourself (torch, math and einops are fine).")
 
 
 def call(fn, name: str, *args, **kwargs):

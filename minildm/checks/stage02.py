@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from minildm import regularizers as ref
-from minildm.checks import ExerciseError, call, expect_tensor, known_mistake, passed
+from minildm.checks import ExerciseError, call, expect_tensor, known_mistake, passed, written_here
 
 
 def _gaussian_params(seed: int, shape=(2, 4, 3, 3)):
@@ -17,6 +17,7 @@ def _gaussian_params(seed: int, shape=(2, 4, 3, 3)):
 def check_reparameterize(fn) -> None:
     """fn(mean, logvar, noise) -> z = mean + exp(logvar / 2) * noise."""
     name = "reparameterize"
+    written_here(fn, name)
     for seed in range(3):
         mean, logvar, noise = _gaussian_params(seed)
         case = f"random mean/logvar/noise, seed {seed}"
@@ -47,6 +48,7 @@ def check_reparameterize(fn) -> None:
 def check_kl_divergence(fn) -> None:
     """fn(mean, logvar) -> (B,) KL(N(mean, exp(logvar)) || N(0, I)) summed over C, H, W."""
     name = "kl_divergence"
+    written_here(fn, name)
 
     def one_per_sample(got, batch: int) -> None:  # the most common mistake first, before any generic check
         if isinstance(got, torch.Tensor) and got.ndim == 0:
@@ -80,6 +82,7 @@ def check_kl_divergence(fn) -> None:
 def check_nearest_code(fn) -> None:
     """fn(z (B, C, H, W), codebook (K, C)) -> indices (B, H, W) of the nearest code."""
     name = "nearest_code"
+    written_here(fn, name)
 
     def check(z, codebook, expected, case: str) -> None:
         got = call(fn, name, z, codebook)
@@ -104,6 +107,7 @@ def check_nearest_code(fn) -> None:
 def check_straight_through(fn) -> None:
     """fn(z, z_q) -> a tensor equal to z_q whose gradient flows to z unchanged."""
     name = "straight_through"
+    written_here(fn, name)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
     z_q = torch.randn(2, 3, 4, 4, generator=g)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from minildm import schedules as ref
-from minildm.checks import ExerciseError, expect_tensor, known_mistake, passed, run
+from minildm.checks import ExerciseError, expect_tensor, known_mistake, passed, run, written_here
 
 # Schedules are float64 tables: compare them to (nearly) double precision, or the smallest betas
 # (about 1e-5 at the start of a cosine schedule) would hide errors below the default tolerance.
@@ -22,6 +22,7 @@ def _expect_float64(got, name: str, case: str) -> None:
 def check_cosine_betas(fn) -> None:
     """fn(T, s, max_beta) -> (T,) float64 betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17)."""
     name = "cosine_betas"
+    written_here(fn, name)
     for T, s, max_beta in [(10, 0.008, 0.999), (1000, 0.008, 0.999), (50, 0.0, 0.9), (7, 0.1, 0.999)]:
         case = f"T={T}, s={s}, max_beta={max_beta}"
         got = run(fn, name, case, T, s, max_beta)
@@ -40,6 +41,7 @@ def check_cosine_betas(fn) -> None:
 def check_alpha_bar_from_betas(fn) -> None:
     """fn(betas (T,)) -> alpha_bar (T,) = cumulative product of (1 - betas)."""
     name = "alpha_bar_from_betas"
+    written_here(fn, name)
     cases = {"linear betas, T=1000": ref.make_betas("linear", 1000),
              "cosine betas, T=20": ref.cosine_betas(20),
              "hand-made betas [0.1, 0.2, 0.5]": torch.tensor([0.1, 0.2, 0.5], dtype=torch.float64),
@@ -83,6 +85,7 @@ def _q_sample_mistakes(x0, t, noise, alpha_bar) -> dict[str, torch.Tensor]:
 def check_q_sample(fn) -> None:
     """fn(x0 (B, C, H, W), t (B,) int64, noise like x0, alpha_bar (T,)) -> x_t like x0 (Ho et al. eq. 4)."""
     name = "q_sample"
+    written_here(fn, name)
     hint = "alpha_bar[t] has shape (B,): reshape it to (B, 1, 1, 1) so that it broadcasts over C, H, W."
     schedule = ref.NoiseSchedule(ref.cosine_betas(50))
     g = torch.Generator().manual_seed(0)
@@ -124,6 +127,7 @@ def _rescaled_without_sqrt(ab: torch.Tensor) -> torch.Tensor:
 def check_rescale_zero_terminal_snr(fn) -> None:
     """fn(betas (T,) float64) -> betas whose alpha_bar ends at exactly 0 (Lin et al. 2024, Algorithm 1)."""
     name = "rescale_zero_terminal_snr"
+    written_here(fn, name)
     for case, betas in {"scaled-linear, T=1000": ref.make_betas("scaled_linear", 1000),
                         "linear, T=100": ref.make_betas("linear", 100),
                         "cosine, T=10": ref.cosine_betas(10)}.items():

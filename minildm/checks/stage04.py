@@ -8,12 +8,21 @@ import torch
 from einops import rearrange
 
 from minildm import unet as ref
-from minildm.checks import ExerciseError, expect_tensor, expect_value_error, known_mistake, passed, run
+from minildm.checks import (
+    ExerciseError,
+    expect_tensor,
+    expect_value_error,
+    known_mistake,
+    passed,
+    run,
+    written_here,
+)
 
 
 def check_timestep_embedding(fn) -> None:
     """fn(t (B,), dim) -> (B, dim) float32: [cos(t f_0..f_{h-1}), sin(t f_0..f_{h-1})], zero-padded if dim is odd."""
     name = "timestep_embedding"
+    written_here(fn, name)
     for case, t, dim in [("t = 0, dim 8: cos(0) = 1 fills the first half, sin(0) = 0 the second",
                           torch.zeros(3, dtype=torch.long), 8),
                          ("int64 t = [0, 1, 7, 999], dim 32", torch.tensor([0, 1, 7, 999]), 32),
@@ -49,6 +58,7 @@ def _qkv(seed: int, b=2, h=3, nq=5, nk=4, d=8, dv=6, requires_grad=False):
 def check_attention(fn) -> None:
     """fn(q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv)) -> softmax(q k^T / sqrt(d)) v (..., Nq, dv)."""
     name = "attention"
+    written_here(fn, name)
     q, k, v = _qkv(0)
     same_keys = k[:, :, :1].expand_as(k)
     expect_tensor(run(fn, name, "all keys equal", q, same_keys, v), v.mean(2, keepdim=True).expand(2, 3, 5, 6),
@@ -83,6 +93,7 @@ def check_attention(fn) -> None:
 def check_split_heads(fn) -> None:
     """fn(x (B, N, heads * d), heads) -> (B, heads, N, d), channel c = i * d + j going to head i, entry j."""
     name = "split_heads"
+    written_here(fn, name)
     x = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
     for heads in (2, 4, 1):
         case = f"x (2, 3, 8) = arange, heads={heads}"
@@ -118,6 +129,7 @@ def check_cross_attention(fn) -> None:
     """fn(x (B, N, query_dim), context (B, L, context_dim), w_q, w_k, w_v, w_out, b_out, heads) -> (B, N, query_dim),
     the same map as minildm.unet.Attention with those weights."""
     name = "cross_attention"
+    written_here(fn, name)
     hint = "Queries come from x, keys and values from context; check the shapes of each step."
     g = torch.Generator().manual_seed(0)
     for case, (n, length, query_dim, context_dim, heads, head_dim) in {

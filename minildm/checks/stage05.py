@@ -8,7 +8,15 @@ import torch
 from torch import nn
 
 from minildm import diffusion as ref
-from minildm.checks import ExerciseError, expect_tensor, expect_value_error, known_mistake, passed, run
+from minildm.checks import (
+    ExerciseError,
+    expect_tensor,
+    expect_value_error,
+    known_mistake,
+    passed,
+    run,
+    written_here,
+)
 from minildm.schedules import NoiseSchedule
 
 
@@ -29,6 +37,7 @@ def _batch(seed: int, T: int = 1000):
 def check_training_target(fn) -> None:
     """fn(prediction, x0, eps, alpha_bar_t (B, 1, 1, 1)) -> eps, x0 or v = sqrt(ab) eps - sqrt(1 - ab) x0."""
     name = "training_target"
+    written_here(fn, name)
     for seed in (0, 1):
         schedule, x0, eps, t = _batch(seed)
         ab = schedule.at("alpha_bar", t, x0)  # (B, 1, 1, 1)
@@ -52,6 +61,7 @@ def check_training_target(fn) -> None:
 def check_to_x0_and_eps(fn) -> None:
     """fn(prediction, model_output, x_t, alpha_bar_t) -> (x0_hat, eps_hat), as the samplers need them."""
     name = "to_x0_and_eps"
+    written_here(fn, name)
     for seed in (0, 1):
         schedule, x0, eps, t = _batch(seed)
         ab = schedule.at("alpha_bar", t, x0)
@@ -81,6 +91,7 @@ def check_to_x0_and_eps(fn) -> None:
 def check_min_snr_weight(fn) -> None:
     """fn(snr (B,), gamma, prediction) -> (B,) min-SNR-gamma weights for that target (Hang et al. 2023)."""
     name = "min_snr_weight"
+    written_here(fn, name)
     snr = NoiseSchedule.from_name("cosine", 20).snr[[0, 3, 8, 12, 19]].float()  # from about 6e3 down to 3e-7
     for gamma in (5.0, 1.0):
         for prediction in ref.PREDICTIONS:
@@ -122,6 +133,7 @@ class _ProbeModel(nn.Module):
 def check_diffusion_loss(fn) -> None:
     """fn(model, x0, t, noise, schedule, prediction) -> scalar mean squared error of LDM eq. (1)."""
     name = "diffusion_loss"
+    written_here(fn, name)
     T = 100
     schedule = NoiseSchedule.from_name("cosine", T)
     x0 = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))

@@ -10,7 +10,15 @@ import math
 import torch
 
 from minildm import judge, metrics
-from minildm.checks import ExerciseError, expect_tensor, expect_value_error, known_mistake, passed, run
+from minildm.checks import (
+    ExerciseError,
+    expect_tensor,
+    expect_value_error,
+    known_mistake,
+    passed,
+    run,
+    written_here,
+)
 from minildm.data.shapes import MAX_OBJECTS, POSITIONS, ShapesConfig, attributes, sample_scenes
 
 D64 = torch.float64
@@ -54,6 +62,7 @@ def _expect_number(got: float, want: float, mistakes: dict[str, float], name: st
 def check_feature_statistics(fn) -> None:
     """fn(features (N, D)) -> (mu (D,), cov (D, D)) with the unbiased covariance (divided by N - 1)."""
     name = "feature_statistics"
+    written_here(fn, name)
     g = torch.Generator().manual_seed(0)
     cases = {"hand-made [[0, 1], [2, 1], [4, 4]]": torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]]),
              "7 random samples of 3 features": torch.randn(7, 3, generator=g) * 2 + 1,
@@ -149,6 +158,7 @@ def _fd_mistakes(mu1, cov1, mu2, cov2) -> dict[str, float]:
 def check_gaussian_frechet_distance(fn) -> None:
     """fn(mu1, cov1, mu2, cov2) -> ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr((S1^{1/2} S2 S1^{1/2})^{1/2})."""
     name = "gaussian_frechet_distance"
+    written_here(fn, name)
     for case, args in _fd_cases().items():
         hint = CLAMP_HINT if "itself" in case else ""
         got = _number(run(fn, name, case, *(a.clone() for a in args), hint=hint), name, case)
@@ -236,6 +246,7 @@ def _object_mistakes(read: torch.Tensor, attrs: torch.Tensor) -> dict[str, torch
 def check_object_correct(fn) -> None:
     """fn(read (B, 9, 3), attributes (B, 3, 4)) -> (B, 3) bool: captioned object right (False for -1 rows)."""
     name = "object_correct"
+    written_here(fn, name)
     read, attrs, hand = _hand_case()
     cases = {hand: (read, attrs)}
     for seed in (0, 1):
@@ -281,6 +292,7 @@ def _accuracy_mistakes(read: torch.Tensor, attrs: torch.Tensor) -> dict[str, dic
 def check_caption_accuracy(fn) -> None:
     """fn(read, attributes) -> the dict of minildm.judge.caption_accuracy."""
     name = "caption_accuracy"
+    written_here(fn, name)
     read, attrs, hand = _hand_case()
     cases = {hand: (read, attrs)}
     for seed in (2, 3):

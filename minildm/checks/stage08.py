@@ -9,7 +9,7 @@ import math
 import torch
 
 from minildm import samplers as ref
-from minildm.checks import ExerciseError, expect_tensor, known_mistake, passed, run
+from minildm.checks import ExerciseError, expect_tensor, known_mistake, passed, run, written_here
 from minildm.schedules import NoiseSchedule
 
 FLOATS_HINT = ("The noise levels (alpha_bar_t, alpha_bar_prev; sigma, sigma_next) and eta are Python floats, as the "
@@ -29,6 +29,7 @@ def _not_the_answer(mistakes: dict[str, torch.Tensor], want: torch.Tensor) -> di
 def check_ddim_step(fn) -> None:
     """fn(x_t, eps_hat, alpha_bar_t, alpha_bar_prev, eta, noise) -> x_prev (Song et al. eq. 12)."""
     name = "ddim_step"
+    written_here(fn, name)
     ab = NoiseSchedule.from_name("scaled_linear", 1000).alpha_bar.tolist()
     cases = [  # (t, prev, eta); prev None = the last step, to clean data (alpha_bar_prev = 1)
         (999, 949, 0.0), (500, 480, 1.0), (200, 100, 0.5), (1, 0, 1.0), (30, 0, 0.0), (0, None, 1.0)]
@@ -83,6 +84,7 @@ def check_ddim_step(fn) -> None:
 def check_euler_step(fn) -> None:
     """fn(x, denoised, sigma, sigma_next) -> x + (sigma_next - sigma) (x - denoised) / sigma (Karras Alg. 1)."""
     name = "euler_step"
+    written_here(fn, name)
     for seed, (sigma, sigma_next) in enumerate([(14.6, 9.0), (1.0, 0.5), (80.0, 79.0), (0.3, 0.0)]):
         case = f"sigma={sigma} -> sigma_next={sigma_next}"
         x, denoised, _ = _tensors(20 + seed)
