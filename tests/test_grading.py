@@ -384,3 +384,47 @@ def test_the_course_config_names_the_course_and_restores_test_cells():
     assert [import_item(name) for name in config.Autograde.sanitize_preprocessors] == [
         RestoreTestCells if cls is OverwriteCells else cls for cls in defaults]
     assert issubclass(RestoreTestCells, OverwriteCells)
+
+
+def test_nbgrader_release_fetch_submit_collect_then_grade(tmp_path, monkeypatch):
+    """The whole course round trip through nbgrader's exchange, then `minildm grade` on what was collected: the
+    instructor releases ex03, a student fetches it, solves it (the solution code typed into the release's answer
+    cells) and submits; the instructor collects and grades, and the student scores full marks."""
+    import getpass
+    import subprocess
+    import sys
+
+    course, student, exchange = _course(tmp_path / "course"), tmp_path / "student", tmp_path / "exchange"
+    student.mkdir()
+    exchange.mkdir(mode=0o777)
+    assignment, notebook = "ex03-schedules", "schedules.ipynb"
+    bin_dir = str(Path(sys.executable).parent)  # nbgrader and alembic live beside this Python
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    monkeypatch.setenv("PATH", env["PATH"])
+    flag = f"--Exchange.root={exchange}"
+
+    def nbgrader(*args, cwd):
+        result = subprocess.run([sys.executable, "-m", "nbgrader", *args, flag], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"nbgrader {args[0]}: {result.stderr[-2000:]}"
+
+    nbgrader("generate_assignment", assignment, "--force", cwd=course)
+    nbgrader("release_assignment", assignment, cwd=course)
+    nbgrader("fetch_assignment", assignment, "--course", "minildm", cwd=student)
+    fetched = student / assignment / notebook
+    nb = json.loads(fetched.read_text())
+    solution = json.loads((course / "solutions" / assignment / notebook).read_text())
+    for cell in nb["cells"]:
+        meta = cell["metadata"].get("nbgrader", {})
+        if meta.get("solution"):
+            cell["source"] = _cell(solution, meta["grade_id"])["source"]
+    fetched.write_text(json.dumps(nb))
+    nbgrader("submit", assignment, "--course", "minildm", cwd=student)
+    nbgrader("collect", assignment, cwd=course)
+    name = getpass.getuser()
+    assert (course / "submitted" / name / assignment / notebook).is_file()
+    monkeypatch.chdir(course)
+    rc, out, err = _run(["grade", assignment, "--timeout", "60"])
+    assert rc == 0, err
+    row = _table(out)[name]
+    assert "graded" in row and "8/8" in row, out
