@@ -11,7 +11,7 @@ from torch import nn
 
 from minildm.device import to_device
 from minildm.text import TextConfig, TextEncoder, WordTokenizer
-from minildm.unet import UNet, UNetConfig, upgrade_unet_keys
+from minildm.unet import UNet, UNetConfig
 
 
 class Denoiser(nn.Module):
@@ -45,7 +45,7 @@ class Denoiser(nn.Module):
     def upgrade_state_dict(self, state: dict) -> dict:
         """Weights named in an older layout of the UNet, renamed to today's (the EMA calls this when a run
         resumes from an old checkpoint; `load_state_dict` converts by itself)."""
-        return upgrade_unet_keys(self, state)
+        return self.unet.upgrade_state_dict(dict(state), prefix="unet.")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         context, mask = self.encode_text(ids)

@@ -13,7 +13,7 @@ Read top to bottom; each piece is one idea:
 5. `UNetConfig`, `DownLevel`, `MidBlock`, `UpLevel`, `UNet`: the UNet of Ho et al. 2020 (Appendix B), one
    down and one up level per resolution, with the blocks above at the levels named in
    `UNetConfig.attention_levels`; each DownLevel keeps the skips that the UpLevel of its resolution reads.
-6. `old_layout_names`, `upgrade_unet_keys`: checkpoints saved before the UNet was built of levels still load.
+6. `old_layout_names`: checkpoints saved before the UNet was built of levels still load.
 
 Conditioning: the UNet knows only a `context` sequence of shape (B, L, context_dim). Class labels become a
 length-1 sequence (`minildm.text.ClassEmbedder`), captions a sequence of token features
@@ -410,7 +410,7 @@ class UNet(nn.Module):
     out:         GroupNorm -> SiLU -> conv_out (zero-initialised: a fresh UNet predicts exactly 0)
 
     Checkpoints saved before the UNet was built of levels (flat `down.{i}` and `up.{i}` lists) load as they are:
-    a load_state_dict pre-hook renames their keys (section 6).
+    `_load_from_state_dict` renames their keys first (section 6).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -432,7 +432,6 @@ class UNet(nn.Module):
             for level in reversed(range(last + 1)))
         self.out = nn.Sequential(group_norm(channels[0]), nn.SiLU(),
                                  zero_init(nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)))
-        self.register_load_state_dict_pre_hook(_upgrade_before_loading)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -465,6 +464,13 @@ class UNet(nn.Module):
             if renamed not in state:
                 state[renamed] = state.pop(key)
         return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """nn.Module.load_state_dict calls this before loading the children, on its own copy of the state dict:
+        old-layout keys are renamed, then everything loads as usual (a state dict that fits neither layout still
+        fails strict loading, which names the missing and unexpected keys)."""
+        self.upgrade_state_dict(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor | None,
                      context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -542,19 +548,3 @@ def old_layout_names(unet: UNet) -> dict[str, str]:
             up[-1].append(f"up_levels.{i}.upsample")
     return {f"{old}.{i}.{k}": new for old, stages in (("down", down), ("up", up))
             for i, stage in enumerate(stages) for k, new in enumerate(stage)}
-
-
-def upgrade_unet_keys(model: nn.Module, state: dict) -> dict:
-    """A copy of `state` (keyed like `model.state_dict()` or `model.named_parameters()`) with the keys of every UNet
-    inside `model` renamed to today's layout: for weights loaded without `load_state_dict`, e.g. EMA shadows."""
-    state = dict(state)
-    for name, module in model.named_modules():
-        if isinstance(module, UNet):
-            module.upgrade_state_dict(state, prefix=f"{name}." if name else "")
-    return state
-
-
-def _upgrade_before_loading(unet: UNet, state_dict: dict, prefix: str, *args) -> None:
-    """The UNet's load_state_dict pre-hook: old-layout keys are renamed, then everything loads as usual; a state
-    dict that fits neither layout still fails strict loading, which names the missing and unexpected keys."""
-    unet.upgrade_state_dict(state_dict, prefix)

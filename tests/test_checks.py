@@ -284,16 +284,6 @@ def test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correc
             checker(answer)
 
 
-def test_checkers_leave_the_global_random_state_alone():
-    """A notebook's torch.manual_seed must mean the same before and after a graded cell."""
-    torch.manual_seed(0)
-    s04.check_cross_attention(cross_attention)
-    s05.check_diffusion_loss(diffusion_loss)
-    after = torch.rand(3)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(3))
-
-
 # ---- exercise 07 (evaluation): correct answers and typical wrong ones ------------------------------------
 
 
@@ -484,15 +474,6 @@ def test_stage07_hand_made_caption_case_matches_its_closed_form():
                                  "caption": 1 / 4, "extra_per_image": 1 / 4, "objects": 6, "images": 4})
 
 
-def test_stage07_checkers_leave_the_global_random_state_alone():
-    torch.manual_seed(0)
-    for checker, correct, _ in STAGE07:
-        checker(correct)
-    after = torch.rand(3)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(3))
-
-
 # ---- exercise 08 (samplers): correct answers and typical wrong ones --------------------------------------------
 
 
@@ -549,15 +530,6 @@ STAGE08 = [
 @pytest.mark.parametrize("checker, correct, wrong", STAGE08, ids=lambda x: getattr(x, "__name__", ""))
 def test_stage08_checker_accepts_correct_answers_and_rejects_wrong_ones(checker, correct, wrong, capsys):
     test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
-
-
-def test_stage08_checkers_leave_the_global_random_state_alone():
-    torch.manual_seed(0)
-    for checker, correct, _ in STAGE08:
-        checker(correct)
-    after = torch.rand(3)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(3))
 
 
 # ---- the guard every checker calls first: the student's own function, not the package's answer ------------------
@@ -625,3 +597,18 @@ def test_every_checker_calls_the_guard_first(checker, correct, real_guard):
     """The answers of this file (package functions or this module's) are not a notebook's: every checker refuses them."""
     with pytest.raises(ExerciseError, match="expected your own function"):
         checker(correct)
+
+
+@pytest.mark.parametrize("checkers", [
+    [(s04.check_cross_attention, cross_attention), (s05.check_diffusion_loss, diffusion_loss)],
+    [(checker, correct) for checker, correct, _ in STAGE07],
+    [(checker, correct) for checker, correct, _ in STAGE08],
+], ids=["stages04-05", "stage07", "stage08"])
+def test_checkers_leave_the_global_random_state_alone(checkers):
+    """A notebook's torch.manual_seed must mean the same before and after a graded cell."""
+    torch.manual_seed(0)
+    for checker, correct in checkers:
+        checker(correct)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))

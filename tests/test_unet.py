@@ -428,8 +428,8 @@ def test_a_state_dict_that_fits_neither_layout_raises():
 
 
 def test_old_layout_checkpoint_and_its_ema_weights_load(tmp_path):
-    """A diffusion checkpoint of the old layout, as `Trainer.save` wrote it: the model through the UNet's
-    load_state_dict pre-hook, the EMA shadows (named like the Denoiser's parameters, `unet.down.2.0...`) through
+    """A diffusion checkpoint of the old layout, as `Trainer.save` wrote it: the model through the renaming in
+    `UNet._load_from_state_dict`, the EMA shadows (named like the Denoiser's parameters, `unet.down.2.0...`) through
     `use_ema_weights`."""
     from minildm.checkpoint import save_checkpoint
     from minildm.diffusion import DiffusionConfig
