@@ -131,6 +131,8 @@ def cmd_diffusion(args) -> None:
     kwargs = {"n": args.n, "guidance_scales": tuple(args.guidance), "prediction": recipe.diffusion.prediction,
               "sampler": args.sampler, "steps": args.steps}
     start = time.perf_counter()
+    if not rt.fast:  # the budgets are seconds of training; the recipe's step count must not end a run first
+        recipe.train.steps = 10**6
     for budget in budgets:  # a learning curve: train to each budget in turn (resuming), evaluate at each
         recipe.train.max_seconds = budget
         denoiser, schedule, history = train_diffusion(recipe, rt, args.out / f"ldm_{args.variant}.pt", autoencoder,

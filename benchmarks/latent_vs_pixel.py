@@ -112,6 +112,7 @@ def main() -> None:
         recipe = diffusion_recipe(space, fast=rt.fast)
         recipe.train.batch_size = results[space]["best"]["batch"]
         recipe.train.max_seconds = args.budget
+        recipe.train.steps = 10**6  # equal seconds of training for both; no step count ends a run first
         ckpt = out / f"{space}.pt"
         ckpt.unlink(missing_ok=True)
         ae = autoencoder if space == "latent" else None

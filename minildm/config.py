@@ -105,9 +105,16 @@ def diffusion_recipe(space: str = "latent", fast: bool | None = None,
         unet = UNetConfig(in_channels=channels, image_size=resolution, base_channels=128, channel_mult=(1, 2, 3),
                           num_res_blocks=2, attention_levels=(1, 2), heads=4, context_dim=text.dim,
                           position_embedding=True)
-        batch = 256 if space == "latent" else 32
-        train = TrainConfig(steps=10**6, batch_size=batch, lr=2e-4, ema_decay=0.999, ckpt_every=1000,
-                            log_every=50, max_seconds=240 if space == "latent" else 180)
+        # Latent diffusion trains a number of steps, not seconds: its caption accuracy climbs steeply between 1,000
+        # and 1,500 steps (H200: 1,200 steps, 91% of objects right; 1,450, 97%), and how many steps fit in a fixed
+        # number of seconds depends on the GPU and on what else runs (notebook 06 got 1,200 steps in 240 s, the
+        # benchmark 1,450). The time limit only stops a slow machine. Pixel diffusion is a baseline: 180 s.
+        if space == "latent":
+            train = TrainConfig(steps=1500, batch_size=256, lr=2e-4, ema_decay=0.999, ckpt_every=500, log_every=50,
+                                max_seconds=300)
+        else:
+            train = TrainConfig(steps=10**6, batch_size=32, lr=2e-4, ema_decay=0.999, ckpt_every=1000, log_every=50,
+                                max_seconds=180)
     diffusion = DiffusionConfig(space=space, schedule="scaled_linear" if space == "latent" else "linear",
                                 num_timesteps=unet.num_timesteps)
     return DiffusionRecipe(unet=unet, text=text, diffusion=diffusion, train=train, data=ShapesConfig(image_size=size))

@@ -142,7 +142,7 @@ class Trainer:
         bar_args = {"desc": self.task.kind, "disable": not progress or done(), "dynamic_ncols": True}
         if budget is None:
             bar = tqdm(total=total, initial=self.step, **bar_args)
-        else:  # a wall-clock budget ends the run (the step count is only a cap), so the bar counts its seconds
+        else:  # a wall-clock budget: the bar counts its seconds (the postfix the steps, where they may end it first)
             bar = tqdm(total=budget, initial=min(self.train_seconds, budget), unit="s",
                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training{postfix}", **bar_args)
         sync = torch.cuda.synchronize if self.rt.device.type == "cuda" else (lambda: None)
@@ -169,7 +169,8 @@ class Trainer:
                                 images_per_s=images_since / max(now - t_last, 1e-9))
                     t_last, images_since = now, 0
                     self.history.append(logs)
-                    bar.set_postfix({"step": self.step} | {k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+                    step = f"{self.step}/{total}" if budget is not None and total < 10**6 else self.step  # which limit ends it
+                    bar.set_postfix({"step": step} | {k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
                 if self.ckpt_path is not None and self.step % self.cfg.ckpt_every == 0:
                     self.save()
         except KeyboardInterrupt:
