@@ -262,19 +262,20 @@ class Autoencoder(nn.Module):
 
     # ---- encode / decode ----
 
-    def encode(self, x: Tensor, sample: bool = True) -> Encoded:
+    def encode(self, x: Tensor, sample: bool = True, noise: Tensor | None = None) -> Encoded:
         """Images (B, in, H, W) -> Encoded (z (B, c, H/f, W/f), weighted regulariser loss, stats). kl: z is a
-        posterior sample (sample=True) or the mean; vq: z is the quantised latent (sample is ignored)."""
+        posterior sample (sample=True; `noise` (B, c, H/f, W/f) when given, else fresh noise) or the mean;
+        vq: z is the quantised latent (sample and noise are ignored)."""
         self._check_images(x)
-        return self.regularizer(self.encoder(x), sample=sample)  # h: (B, 2c or c, H/f, W/f)
+        return self.regularizer(self.encoder(x), sample=sample, noise=noise)  # h: (B, 2c or c, H/f, W/f)
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents (B, c, h, w) -> images (B, in, h*f, w*f)."""
         self._check_latents(z)
         return self.decoder(z)
 
-    def forward(self, x: Tensor, sample: bool = True) -> AutoencoderOutput:
-        enc = self.encode(x, sample=sample)
+    def forward(self, x: Tensor, sample: bool = True, noise: Tensor | None = None) -> AutoencoderOutput:
+        enc = self.encode(x, sample=sample, noise=noise)
         return AutoencoderOutput(recon=self.decode(enc.z), reg_loss=enc.reg_loss, stats=enc.stats, z=enc.z)
 
     @property

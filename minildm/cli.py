@@ -39,18 +39,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     import torch
 
+    from minildm import distributed
     from minildm.config import HOLDOUT_SEED, autoencoder_recipe, diffusion_recipe
     from minildm.data.shapes import ShapesConfig, ShapesDataset
     from minildm.device import setup
     from minildm.pipeline import evaluate_reconstruction, generate, train_autoencoder, train_diffusion
     from minildm.viz import save_grid
 
-    rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
+    rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)  # under torchrun: joins the group
+    main = distributed.is_main()  # under torchrun every rank trains; rank 0 alone writes, draws and evaluates
     start = time.perf_counter()
     out = Path(args.out)
-    if args.fresh:
+    if args.fresh and main:
         for old in out.glob("*.pt"):
             old.unlink()
+    distributed.barrier("deleting the old checkpoints (--fresh)")
 
     if args.eval_n is None:
         args.eval_n = 32 if rt.fast else 512
@@ -65,9 +68,15 @@ def cmd_train(args) -> int:
     if others:  # its diffusion_latent.pt was trained on that autoencoder's latents and must not be reused
         raise ValueError(f"'{out}' holds a pipeline built on {others[0]}, not {ckpt.name}; use another --out, "
                          "or --fresh to start over there")
-    print(f"[1/2] autoencoder ({args.regularizer.upper()}, f={args.f}): checkpoint {ckpt} "
-          "(an interrupted run resumes from it)")
+    if main:
+        print(f"[1/2] autoencoder ({args.regularizer.upper()}, f={args.f}): checkpoint {ckpt} "
+              "(an interrupted run resumes from it)")
     autoencoder, _ = train_autoencoder(recipe, rt, ckpt)
+    if not main:  # straight on to the next stage, which starts by waiting for rank 0
+        if args.stage == "autoencoder":
+            distributed.cleanup()
+            return 0
+        return _train_diffusion_rank(args, rt, autoencoder)
     scores = evaluate_reconstruction(autoencoder, recipe.data, rt, n=64)
     held_out = ShapesDataset(ShapesConfig(image_size=recipe.data.image_size, seed=HOLDOUT_SEED)).batch(
         range(8), device=rt.device)
@@ -81,6 +90,7 @@ def cmd_train(args) -> int:
     print(f"held-out reconstruction PSNR {scores.mean():.2f} dB; latent scale factor "
           f"{autoencoder.scale_factor.item():.3f}; wrote {grid}")
     if args.stage == "autoencoder":
+        distributed.cleanup()
         return 0
 
     # Stages 3-6: text-conditioned latent diffusion on the autoencoder's latents.
@@ -90,6 +100,7 @@ def cmd_train(args) -> int:
     ckpt = out / "diffusion_latent.pt"
     print(f"[2/2] latent diffusion on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder)
+    distributed.cleanup()  # training is over: rank 0 samples and evaluates alone, the other ranks have exited
     captions = held_out["caption"]
     samples = generate(denoiser, captions, schedule, shape, rt, prediction=ldm.diffusion.prediction,
                        autoencoder=autoencoder, progress=True)
@@ -101,6 +112,19 @@ def cmd_train(args) -> int:
     result = evaluate_run(out, rt, n=args.eval_n, guidance_scales=(args.guidance,))
     print(format_evaluation(result))
     print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
+    return 0
+
+
+def _train_diffusion_rank(args, rt, autoencoder) -> int:
+    """What a rank other than 0 does in `minildm train` after the autoencoder: train latent diffusion, then leave."""
+    from minildm import distributed
+    from minildm.config import diffusion_recipe
+    from minildm.pipeline import train_diffusion
+
+    autoencoder.requires_grad_(False)
+    ldm = diffusion_recipe("latent", fast=rt.fast, latent_shape=autoencoder.cfg.latent_shape)
+    train_diffusion(ldm, rt, Path(args.out) / "diffusion_latent.pt", autoencoder=autoencoder, progress=False)
+    distributed.cleanup()
     return 0
 
 

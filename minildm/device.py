@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from minildm import distributed
+
 FAST_ENV = "MINILDM_FAST"
 
 
@@ -81,20 +83,26 @@ class Runtime:
             where = self.device.type
         precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler",
                      torch.float32: "fp32"}[self.dtype]
-        return f"minildm | mode: {mode} | device: {where} | precision: {precision} | torch {torch.__version__}"
+        here = distributed.place()
+        ranks = f" | data parallel: {here.world_size} processes" if here.distributed else ""
+        return f"minildm | mode: {mode} | device: {where} | precision: {precision} | torch {torch.__version__}{ranks}"
 
 
 def setup(seed: int = 0, device: str | None = None, fast: bool | None = None, verbose: bool = True) -> Runtime:
-    """Seed everything, pick device and precision, and (by default) print them. First cell of every notebook."""
-    seed_everything(seed)
+    """Seed everything, pick device and precision, and (by default) print them. First cell of every notebook.
+    Under torchrun it also joins the process group (distributed.py) and picks GPU LOCAL_RANK; only rank 0 prints."""
+    seed_everything(seed)  # the same seed on every rank: the same initial weights
     dev = pick_device(device)
+    here = distributed.init(dev)
+    if dev.type == "cuda" and here.distributed:
+        dev = torch.device("cuda", here.local_rank)
     rt = Runtime(device=dev, dtype=pick_dtype(dev), fast=fast_mode() if fast is None else fast)
     if dev.type == "cpu":
         torch.set_num_threads(cpu_threads())
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if verbose:
+    if verbose and here.is_main:
         print(rt.describe())
     return rt
 

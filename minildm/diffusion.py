@@ -41,7 +41,8 @@ class DiffusionConfig:
     def __post_init__(self):
         if self.space not in ("latent", "pixel"):
             raise ValueError(f"space must be 'latent' or 'pixel', got {self.space!r}")
-
+        if not 0.0 <= self.caption_drop <= 1.0:
+            raise ValueError(f"caption_drop is a probability in [0, 1], got {self.caption_drop}")
 
 
 def check_prediction(prediction: str) -> None:
@@ -134,12 +135,13 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction: str = "eps
 
 def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, prediction: str = "eps",
                    weighting: str | None = None, context=None, generator: torch.Generator | None = None,
-                   gamma: float = 5.0):
+                   gamma: float = 5.0, t: torch.Tensor | None = None, eps: torch.Tensor | None = None):
     """The denoising loss of LDM eq. (1) for one batch; returns (loss, logs).
 
     model:   any callable model(x_t, t, context) -> tensor shaped like x_t (e.g. the UNet).
     x0:      (B, ...) clean data (latents z for latent diffusion, pixels for the baseline).
     weighting: None (plain mean, eq. 1) or "min_snr" (min-SNR-gamma weights, `min_snr_weight`).
+    t, eps:  the timesteps (B,) and the noise (shaped like x0), drawn here (from `generator`) when None.
     logs:    detached tensors: "loss", "mse" (unweighted), "mse_per_sample" (B,) and "t" (B,),
              enough to plot the loss against t.
     """
@@ -147,8 +149,13 @@ def diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, prediction:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
     B = x0.shape[0]
-    t = schedule.sample_timesteps(B, generator=generator, device=x0.device)  # (B,)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t is None:
+        t = schedule.sample_timesteps(B, generator=generator, device=x0.device)  # (B,)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t.shape != (B,) or eps.shape != x0.shape:
+        raise ValueError(f"t {tuple(t.shape)} and eps {tuple(eps.shape)} must have shapes {(B,)} and "
+                         f"{tuple(x0.shape)} for x0 of shape {tuple(x0.shape)}")
     x_t = schedule.q_sample(x0, t, eps)
     output = model(x_t, t, context)
     if output.shape != x0.shape:

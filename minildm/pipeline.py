@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minildm import distributed
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.checkpoint import load_checkpoint
 from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionRecipe
@@ -26,7 +27,7 @@ from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import frechet_distance, kid, psnr
 from minildm.samplers import DEFAULT_STEPS, sample
 from minildm.schedules import NoiseSchedule
-from minildm.text import TextConfig, WordTokenizer, drop_captions
+from minildm.text import TextConfig, WordTokenizer
 from minildm.train import Trainer
 from minildm.unet import UNetConfig
 
@@ -51,7 +52,13 @@ class AutoencoderTask(nn.Module):
 
     def losses(self, batch: dict, step: int):
         x = batch["image"]
-        out = self.autoencoder(x)
+        noise = None
+        if self.model_cfg.regularizer == "kl":  # the posterior's noise, drawn for the global batch (distributed.py)
+            f, world = self.model_cfg.downsample_factor, distributed.place().world_size
+            shape = (len(x) * world, self.model_cfg.latent_channels, x.shape[2] // f, x.shape[3] // f)
+            noise = distributed.part_of(torch.randn(shape, generator=distributed.step_generator(step, x.device),
+                                                    device=x.device))
+        out = self.autoencoder(x, noise=noise)
         loss_g, logs = self.loss.generator_loss(x, out, self.autoencoder.decoder_last_layer, step)
         losses = {"autoencoder": loss_g}
         if self.loss.discriminator is not None:
@@ -94,7 +101,7 @@ def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: st
     trainer.fit(shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
     autoencoder = task.autoencoder
     if "scale_factor" not in trainer.extra:  # computed once after training, for the EMA weights
-        batch_at = shapes_batch_at(recipe.data, 64, runtime.device)
+        batch_at = shapes_batch_at(recipe.data, 64, runtime.device, rank=0, world_size=1)  # the same on every rank
         batches = (batch_at(i)["image"] for i in range(8))
         autoencoder.eval()
         with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():
@@ -155,17 +162,24 @@ class DiffusionTask(nn.Module):
         self.unet_cfg, self.text_cfg, self.diffusion_cfg = unet_cfg, text_cfg, diffusion_cfg
         self.denoiser = Denoiser(unet_cfg, text_cfg, tokenizer or WordTokenizer(vocabulary()))
         self.schedule = NoiseSchedule.from_name(diffusion_cfg.schedule, T=diffusion_cfg.num_timesteps)
-        self.drop_generator = torch.Generator().manual_seed(0)
 
     def param_groups(self) -> dict:
         return {"denoiser": list(self.denoiser.parameters())}
 
     def losses(self, batch: dict, step: int):
         x0 = batch["x"]  # the schedule's tables are buffers of this module: they are on x0's device already
-        captions = drop_captions(batch["caption"], self.diffusion_cfg.caption_drop, self.drop_generator)
-        ids = self.denoiser.tokenize(captions)
         cfg = self.diffusion_cfg
-        loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, ids)
+        # The step's random numbers (dropped captions, timesteps, noise) are drawn for the global batch from
+        # generators seeded by the step; under torchrun each rank keeps its part (distributed.py). One process
+        # draws the same numbers, and so does a resumed run.
+        n = len(x0) * distributed.place().world_size
+        drops = distributed.step_generator(step, "cpu", seed=1)  # another seed than the noise's: independent draws
+        dropped = distributed.part_of(torch.rand(n, generator=drops) < cfg.caption_drop)
+        ids = self.denoiser.tokenize(["" if drop else c for c, drop in zip(batch["caption"], dropped.tolist())])
+        g = distributed.step_generator(step, x0.device)
+        t = distributed.part_of(self.schedule.sample_timesteps(n, generator=g, device=x0.device))
+        eps = distributed.part_of(torch.randn((n, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype))
+        loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, ids, t=t, eps=eps)
         return {"denoiser": loss}, {"loss": logs["loss"], "mse": logs["mse"]}
 
     def ema_module(self) -> nn.Module:

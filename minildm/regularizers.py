@@ -85,10 +85,14 @@ class DiagonalGaussian:
     def std(self) -> Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """A reparameterised sample, differentiable in mean and logvar."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return reparameterize(self.mean, self.logvar, noise)
+    def sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """A reparameterised sample, differentiable in mean and logvar; `noise` (shaped like the mean) is drawn
+        here when None (the trainer passes its own, drawn for the global batch: distributed.py)."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        elif noise.shape != self.mean.shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} for a posterior of shape {tuple(self.mean.shape)}")
+        return reparameterize(self.mean, self.logvar, noise.to(self.mean.dtype))
 
     def mode(self) -> Tensor:
         return self.mean
@@ -118,11 +122,11 @@ class KLRegularizer(nn.Module):
     def from_config(cls, cfg: AutoencoderConfig) -> KLRegularizer:
         return cls(cfg.kl_weight, values_per_position=cfg.in_channels * cfg.downsample_factor**2)
 
-    def forward(self, h: Tensor, sample: bool = True) -> Encoded:
-        """h (B, 2c, H/f, W/f) -> Encoded with z (B, c, H/f, W/f) a posterior sample (sample=True) or the mean,
-        reg_loss (B,), and the posterior."""
+    def forward(self, h: Tensor, sample: bool = True, noise: Tensor | None = None) -> Encoded:
+        """h (B, 2c, H/f, W/f) -> Encoded with z (B, c, H/f, W/f) a posterior sample (sample=True; with `noise`
+        when given, else fresh noise) or the mean, reg_loss (B,), and the posterior."""
         posterior = DiagonalGaussian.from_moments(h)
-        z = posterior.sample() if sample else posterior.mode()
+        z = posterior.sample(noise=noise) if sample else posterior.mode()
         kl = posterior.kl()  # (B,)
         reg_loss = self.weight * kl / (self.values_per_position * h.shape[2] * h.shape[3])  # / (C H W)
         stats = {"kl": kl.mean().detach(), "posterior_std": posterior.std.mean().detach()}
@@ -193,9 +197,9 @@ class VQRegularizer(nn.Module):
             indices = nearest_code(z.detach().float(), self.codebook.detach().float())
         return rearrange(self.codebook[indices], "b h w c -> b c h w").to(z.dtype), indices
 
-    def forward(self, h: Tensor, sample: bool = True) -> Encoded:
+    def forward(self, h: Tensor, sample: bool = True, noise: Tensor | None = None) -> Encoded:
         """h (B, C, H/f, W/f) -> Encoded with z = the nearest codes, straight-through (B, C, H/f, W/f), reg_loss a
-        scalar, and the indices (B, H/f, W/f). `sample` is ignored: quantisation is deterministic."""
+        scalar, and the indices (B, H/f, W/f). `sample` and `noise` are ignored: quantisation is deterministic."""
         z_q, indices = self.lookup(h)
         counts = torch.bincount(indices.flatten(), minlength=self.codebook.shape[0])  # (K,)
         p = counts.float() / counts.sum()
@@ -217,6 +221,9 @@ class VQRegularizer(nn.Module):
 
     @torch.no_grad()
     def _track_usage(self, counts: Tensor, z: Tensor) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)  # the codes the global batch used: the same counters on every rank
         self.step += 1
         self.steps_unused += 1
         self.steps_unused[counts > 0] = 0

@@ -13,10 +13,17 @@ autoencoders or diffusion. A task provides
 Batches come from `batch_at(step)`, a function of the step number, so a resumed run sees exactly
 the batches the interrupted one would have seen. The data package has one such feeder per kind of data:
 `shapes_batch_at` (the procedural Shapes images) and `dataset_batch_at` (any map-style data set, e.g. MNIST).
+
+Under torchrun the same Trainer trains data-parallel (distributed.py): `batch_size` is the global batch, each of the
+N processes trains on batch_size / N of it (the feeders hand each rank its part), the gradients of each optimiser are
+averaged over the processes after its backward pass, so every rank takes the same step and keeps the same weights
+and EMA, and only rank 0 writes checkpoints. The learning rate is the one for the global batch. A checkpoint holds
+the plain module's state, so a run resumes with any number of processes.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,7 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from minildm.checkpoint import load_checkpoint, save_checkpoint
+from minildm import distributed
+from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minildm.device import Runtime, no_value_checks
 from minildm.ema import EMA
 
@@ -34,7 +42,7 @@ from minildm.ema import EMA
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: under torchrun each of N processes trains on batch_size / N images
     lr: float = 2e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -53,6 +61,14 @@ class Trainer:
         self.task = task.to(runtime.device)
         self.cfg, self.rt = cfg, runtime
         self.ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
+        self.place = distributed.place()  # rank 0 of 1 without torchrun
+        self.local_batch_size = distributed.local_batch_size(cfg.batch_size, self.place.world_size)
+        if self.place.distributed:  # every rank starts from rank 0's weights (a checkpoint, if any, is loaded below)
+            distributed.broadcast_tensors([*task.parameters(), *task.buffers()])
+            if self.place.is_main:
+                print(f"data parallel: {self.place.world_size} processes x {self.local_batch_size} images = global "
+                      f"batch {cfg.batch_size}; lr {cfg.lr:g} is the learning rate for that global batch (gradients "
+                      "are averaged over the processes)", flush=True)
         self.optimizers, self.grad_clip = {}, {}
         for name, group in task.param_groups().items():
             group = dict(group) if isinstance(group, dict) else {"params": group}
@@ -86,11 +102,19 @@ class Trainer:
             "extra": self.extra,
         }
 
-    def save(self, path: str | Path | None = None) -> Path:
-        return save_checkpoint(path or self.ckpt_path, self.state())
+    def save(self, path: str | Path | None = None, wait: bool = True) -> Path:
+        """Write the checkpoint (atomically). Under torchrun only rank 0 writes; with `wait` every rank waits
+        until it has, so that no rank reads a checkpoint that is still being written."""
+        path = Path(path or self.ckpt_path)
+        if self.place.is_main:
+            save_checkpoint(path, self.state())
+        if wait:
+            distributed.barrier(f"saving {path} at step {self.step}")
+        return path
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, kind=self.task.kind, map_location=self.rt.device)
+        check_same_config(state.get("config"), self.task.config_dict(), path)
         self.task.load_state_dict(state["model"])
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
@@ -115,9 +139,13 @@ class Trainer:
             opt.zero_grad(set_to_none=True)  # last step's grads, and any an earlier loss left on these params
             if self.scaler:
                 self.scaler.scale(loss).backward()
-                self.scaler.unscale_(opt)
             else:
                 loss.backward()
+            if self.place.distributed:  # every rank now holds the gradient of the global batch
+                distributed.average_gradients([p for g in opt.param_groups for p in g["params"]],
+                                              f"averaging the gradients of {name!r} at step {self.step}")
+            if self.scaler:
+                self.scaler.unscale_(opt)
             if self.grad_clip[name]:
                 params = [p for g in opt.param_groups for p in g["params"]]
                 logs[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip[name])
@@ -139,7 +167,8 @@ class Trainer:
         def done() -> bool:
             return self.step >= total or (budget is not None and self.train_seconds >= budget)
 
-        bar_args = {"desc": self.task.kind, "disable": not progress or done(), "dynamic_ncols": True}
+        bar_args = {"desc": self.task.kind, "disable": not progress or done() or not self.place.is_main,
+                    "dynamic_ncols": True}
         if budget is None:
             bar = tqdm(total=total, initial=self.step, **bar_args)
         else:  # a wall-clock budget: the bar counts its seconds (the postfix the steps, where they may end it first)
@@ -165,6 +194,9 @@ class Trainer:
                     now = time.perf_counter()
                     self.train_seconds += now - t_last
                     logs = {k: float(v) for k, v in logs.items()}  # one device sync per log line, not per step
+                    if self.place.distributed:  # the losses of the global batch; rank 0's clock, so all stop together
+                        logs = distributed.mean_over_ranks(logs, self.rt.device)
+                        self.train_seconds = distributed.from_main(self.train_seconds, self.rt.device)
                     logs.update(step=self.step, seconds=round(self.train_seconds, 2),
                                 images_per_s=images_since / max(now - t_last, 1e-9))
                     t_last, images_since = now, 0
@@ -175,8 +207,14 @@ class Trainer:
                     self.save()
         except KeyboardInterrupt:
             if self.ckpt_path is not None:
-                self.save()
-                print(f"\nInterrupted at step {self.step}; saved {self.ckpt_path}. Run again to resume.")
+                self.save(wait=False)  # the other ranks may be stopping too: waiting for them could hang
+                if self.place.is_main:
+                    print(f"\nInterrupted at step {self.step}; saved {self.ckpt_path}. Run again to resume.")
+            raise
+        except Exception as err:
+            if self.place.distributed and not isinstance(err, distributed.DistributedError):
+                print(f"rank {self.place.rank} of {self.place.world_size} failed at step {self.step}: "
+                      f"{type(err).__name__}: {err}; the other ranks will stop too", file=sys.stderr, flush=True)
             raise
         finally:
             bar.close()
@@ -184,6 +222,32 @@ class Trainer:
         if self.step == first_step:  # nothing trained (e.g. a finished checkpoint was loaded): nothing to save
             return self.history
         self.train_seconds += time.perf_counter() - t_last
+        if self.place.distributed:
+            self.train_seconds = distributed.from_main(self.train_seconds, self.rt.device)
         if self.ckpt_path is not None:
             self.save()
         return self.history
+
+
+def check_same_config(saved: dict | None, current: dict, path) -> None:
+    """Refuse to resume a checkpoint of another model config (its weights would not fit, or would fit a model that
+    the checkpoint's config no longer describes). Keys only one side has (a field added since) are not compared."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = list(v) if isinstance(v, (tuple, list)) else v
+        return out
+
+    if not saved:
+        return
+    old, new = flat(saved), flat(current)
+    differ = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    if differ:
+        shown = "; ".join(f"{k}: checkpoint {old[k]!r:.60}, this run {new[k]!r:.60}" for k in differ[:4])
+        raise CheckpointError(f"'{path}' was trained with another config ({shown}"
+                              f"{'; ...' if len(differ) > 4 else ''}). Resume it with the config it was trained "
+                              "with, or train this config into another checkpoint path (or delete the old one; "
+                              "`minildm train --fresh`).")

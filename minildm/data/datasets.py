@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv
 from torchvision import transforms as T
 
+from minildm import distributed
 from minildm.data.shapes import ShapesConfig, ShapesDataset
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder")
@@ -166,11 +167,20 @@ def load_dataset(name: str, root, image_size: int, train: bool = True, download:
     return ImageDataset(base, image_size, channels, target_key)
 
 
-def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None) -> Callable[[int], object]:
+def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None, rank: int | None = None,
+                     world_size: int | None = None) -> Callable[[int], object]:
     """The batch feeder of a map-style data set: `batch_at(step)`, a fresh permutation each epoch fixed by
-    (seed, epoch), so a resumed run sees the batches the interrupted one would have seen."""
+    (seed, epoch), so a resumed run sees the batches the interrupted one would have seen.
+
+    Data parallel (torchrun), this is the distributed sampler: batch_size is the global batch, every rank computes
+    the same permutation and takes its contiguous part b = batch_size / world_size of each global batch, so the
+    ranks' parts are disjoint and together are the batch one process would see. rank and world_size default to
+    this process's place in the process group (rank 0 of 1 without torchrun)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    here = distributed.place()
+    rank = here.rank if rank is None else rank
+    local = distributed.local_batch_size(batch_size, here.world_size if world_size is None else world_size)
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset_batch_at got an empty data set")
@@ -181,7 +191,8 @@ def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None) -> C
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
     def batch_at(step: int):
-        positions = (divmod(k, n) for k in range(step * batch_size, (step + 1) * batch_size))
+        first = step * batch_size + rank * local
+        positions = (divmod(k, n) for k in range(first, first + local))
         return collate([dataset[permutation(epoch)[pos]] for epoch, pos in positions])
 
     return batch_at

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minildm import distributed
 from minildm.device import to_device
 
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "ring")
@@ -326,21 +327,31 @@ def make_batch(scenes: Sequence[Scene], image_size: int, device=None) -> dict:
             "label": label, "mask": drawn["mask"]}
 
 
-def shapes_batch_at(cfg: ShapesConfig, batch_size: int, device=None) -> Callable[[int], dict]:
+def shapes_batch_at(cfg: ShapesConfig, batch_size: int, device=None, rank: int | None = None,
+                    world_size: int | None = None) -> Callable[[int], dict]:
     """The Shapes batch feeder: `batch_at(step)` draws images step * batch_size ... (step + 1) * batch_size - 1.
 
     A pure function of the step, so a resumed run sees exactly the batches the interrupted one would have seen
     (the `Trainer` calls it with its step number). Sampling scenes is Python on the CPU, so after each call the
     next step's scenes are sampled in a background thread while the caller trains on this batch (it runs
     whenever the caller waits for the GPU); a call for any other step samples its scenes directly.
+
+    Data parallel (torchrun): batch_size is the global batch and rank r of world_size draws only its contiguous
+    part of it, images step * batch_size + r * b ... + (r + 1) * b - 1 with b = batch_size / world_size: the ranks'
+    parts are disjoint and together are the batch one process draws. rank and world_size default to this
+    process's place in the process group (rank 0 of 1 without torchrun).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    here = distributed.place()
+    rank = here.rank if rank is None else rank
+    local = distributed.local_batch_size(batch_size, here.world_size if world_size is None else world_size)
     pool = ThreadPoolExecutor(max_workers=1)
     upcoming: dict[int, Future] = {}
 
     def scenes_of(step: int) -> list[Scene]:
-        return sample_scenes(range(step * batch_size, (step + 1) * batch_size), cfg)
+        first = step * batch_size + rank * local
+        return sample_scenes(range(first, first + local), cfg)
 
     def batch_at(step: int) -> dict:
         if step < 0:
