@@ -15,9 +15,11 @@ from torch import nn
 
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.checkpoint import load_checkpoint
+from minildm.classifier import Classifier, accuracy
 from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionRecipe
+from minildm.data.images import ImageTensors
 from minildm.data.shapes import ShapesConfig, ShapesDataset, shapes_batch_at, vocabulary
-from minildm.denoiser import Denoiser
+from minildm.denoiser import ClassDenoiser, Denoiser
 from minildm.device import Runtime, cuda_graphed
 from minildm.diffusion import DiffusionConfig, diffusion_loss
 from minildm.ema import EMA
@@ -86,16 +88,17 @@ def evaluate_reconstruction(autoencoder: Autoencoder, data_cfg: ShapesConfig, ru
 
 
 def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: str | Path,
-                      progress: bool = True) -> tuple[Autoencoder, list[dict]]:
+                      progress: bool = True, images_at=None) -> tuple[Autoencoder, list[dict]]:
     """Train (or resume, or just load when finished) an autoencoder; returns the EMA model with its
-    latent scale factor set, and the training history."""
+    latent scale factor set, and the training history. Images come from Shapes (recipe.data), or from
+    `images_at(step)` -> {"image": ...} at the recipe's batch size (a real data set, `tensor_batch_at`)."""
     task = AutoencoderTask(recipe.model, recipe.loss)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
+    images_at = images_at or shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device)
+    trainer.fit(images_at, progress=progress)
     autoencoder = task.autoencoder
     if "scale_factor" not in trainer.extra:  # computed once after training, for the EMA weights
-        batch_at = shapes_batch_at(recipe.data, 64, runtime.device)
-        batches = (batch_at(i)["image"] for i in range(8))
+        batches = (images_at(i)["image"] for i in range(max(1, 512 // recipe.train.batch_size)))
         autoencoder.eval()
         with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():
             scale = autoencoder.compute_scale_factor(batches)
@@ -150,10 +153,15 @@ class DiffusionTask(nn.Module):
     kind = "diffusion"
 
     def __init__(self, unet_cfg: UNetConfig, text_cfg: TextConfig, diffusion_cfg: DiffusionConfig,
-                 tokenizer: WordTokenizer | None = None):
+                 tokenizer: WordTokenizer | None = None, classes: list[str] | None = None):
         super().__init__()
         self.unet_cfg, self.text_cfg, self.diffusion_cfg = unet_cfg, text_cfg, diffusion_cfg
-        self.denoiser = Denoiser(unet_cfg, text_cfg, tokenizer or WordTokenizer(vocabulary()))
+        if diffusion_cfg.condition == "text":
+            self.denoiser = Denoiser(unet_cfg, text_cfg, tokenizer or WordTokenizer(vocabulary()))
+        else:  # class labels through the class embedder; no classes = unconditional
+            if diffusion_cfg.condition == "class" and not classes:
+                raise ValueError("condition='class' needs the class names of the data set (classes=[...])")
+            self.denoiser = ClassDenoiser(unet_cfg, classes if diffusion_cfg.condition == "class" else [])
         self.schedule = NoiseSchedule.from_name(diffusion_cfg.schedule, T=diffusion_cfg.num_timesteps)
         self.drop_generator = torch.Generator().manual_seed(0)
 
@@ -162,9 +170,13 @@ class DiffusionTask(nn.Module):
 
     def losses(self, batch: dict, step: int):
         x0 = batch["x"]  # the schedule's tables are buffers of this module: they are on x0's device already
-        captions = drop_captions(batch["caption"], self.diffusion_cfg.caption_drop, self.drop_generator)
-        ids = self.denoiser.tokenize(captions)
         cfg = self.diffusion_cfg
+        if cfg.condition == "text":
+            ids = self.denoiser.tokenize(drop_captions(batch["caption"], cfg.caption_drop, self.drop_generator))
+        elif cfg.condition == "class":
+            ids = self.denoiser.class_embedder.drop(batch["label"], cfg.caption_drop, self.drop_generator)
+        else:  # unconditional: the null class for every image
+            ids = torch.full((len(x0),), self.denoiser.class_embedder.null_class, dtype=torch.long, device=x0.device)
         loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, ids)
         return {"denoiser": loss}, {"loss": logs["loss"], "mse": logs["mse"]}
 
@@ -172,15 +184,20 @@ class DiffusionTask(nn.Module):
         return self.denoiser
 
     def config_dict(self) -> dict:
-        return {"unet": asdict(self.unet_cfg), "text": asdict(self.text_cfg),
-                "diffusion": asdict(self.diffusion_cfg), "tokenizer": self.denoiser.tokenizer.state_dict()}
+        out = {"unet": asdict(self.unet_cfg), "text": asdict(self.text_cfg), "diffusion": asdict(self.diffusion_cfg)}
+        if isinstance(self.denoiser, Denoiser):
+            out["tokenizer"] = self.denoiser.tokenizer.state_dict()
+        else:
+            out["classes"] = self.denoiser.classes
+        return out
 
 
 def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime,
-                       autoencoder: Autoencoder | None = None):
-    """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...]} from the Shapes data set.
-    With an autoencoder the images are encoded on the fly (frozen, no gradients): that is latent diffusion."""
-    images = shapes_batch_at(data_cfg, batch_size, runtime.device)
+                       autoencoder: Autoencoder | None = None, images_at=None):
+    """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...] or "label": (B,)} from the Shapes data
+    set, or from `images_at(step)` -> {"image", "label"} (a real data set). With an autoencoder the images are
+    encoded on the fly (frozen, no gradients): that is latent diffusion."""
+    images = images_at or shapes_batch_at(data_cfg, batch_size, runtime.device)
 
     def batch_at(step: int) -> dict:
         batch = images(step)
@@ -188,7 +205,7 @@ def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime
         if autoencoder is not None:
             with torch.no_grad(), runtime.autocast():
                 x = autoencoder.encode_latents(x).float()
-        return {"x": x, "caption": batch["caption"]}
+        return {"x": x, **{k: batch[k] for k in ("caption", "label") if k in batch}}
 
     return batch_at
 
@@ -236,15 +253,17 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
 
 
 def train_diffusion(recipe: DiffusionRecipe, runtime: Runtime, ckpt_path: str | Path, autoencoder: Autoencoder | None = None,
-                    progress: bool = True):
-    """Train (or resume, or load when finished) a text-conditioned denoiser; returns (EMA denoiser, schedule,
-    history). Latent space needs the trained `autoencoder`; pixel space takes None."""
+                    progress: bool = True, images_at=None, classes: list[str] | None = None):
+    """Train (or resume, or load when finished) a denoiser; returns (EMA denoiser, schedule, history). Latent space
+    needs the trained `autoencoder`; pixel space takes None. Text-conditioned on Shapes by default; on a real data
+    set pass `images_at(step)` -> {"image", "label"} and, with recipe.diffusion.condition "class", the class names."""
     if (recipe.diffusion.space == "latent") != (autoencoder is not None):
         raise ValueError(f"space={recipe.diffusion.space!r} needs "
                          f"{'a trained autoencoder' if recipe.diffusion.space == 'latent' else 'autoencoder=None'}")
-    task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
+    task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion, classes=classes)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder), progress=progress)
+    trainer.fit(diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder, images_at),
+                progress=progress)
     if trainer.ema is not None:
         trainer.ema.copy_to(task.denoiser)
     return task.denoiser.eval(), task.schedule, trainer.history
@@ -255,8 +274,9 @@ def load_diffusion(path: str | Path, device="cpu", use_ema: bool = True):
     state = load_checkpoint(path, kind="diffusion", map_location=device)
     cfg = state["config"]
     cfg["text"].setdefault("mask_padding", False)  # checkpoints from before padding masking let the UNet see it
+    tokenizer = WordTokenizer.from_state_dict(cfg["tokenizer"]) if "tokenizer" in cfg else None
     task = DiffusionTask(UNetConfig(**cfg["unet"]), TextConfig(**cfg["text"]), DiffusionConfig(**cfg["diffusion"]),
-                         WordTokenizer.from_state_dict(cfg["tokenizer"]))
+                         tokenizer, classes=cfg.get("classes"))
     task.load_state_dict(state["model"])
     denoiser = task.denoiser.to(device)
     if use_ema and state.get("ema"):
@@ -328,4 +348,48 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
         result["by_guidance"][scale] = scores
     result["captions"] = real["caption"]
     result["attributes"] = real["attributes"].cpu()
+    return result
+
+
+@torch.no_grad()
+def evaluate_classes(denoiser: ClassDenoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, runtime: Runtime,
+                     classifier: Classifier | None, held_out: ImageTensors, n: int = 1000,
+                     guidance_scales: tuple[float, ...] = (3.0,), prediction: str = "eps", batch_size: int = 256,
+                     seed: int = 0, sampler: str = "ddpm", steps: int | None = None) -> dict:
+    """Stage 7 on a real data set. The held-out images are cut in two: n "real" ones, whose labels the samples are
+    drawn for (one sample each), and n others, the reference. Reports reconstruction PSNR of the real ones, and with
+    a classifier (labelled data): its accuracy on real images and on reconstructions, and per guidance scale the
+    class accuracy of the samples (class-conditional runs), FD and KID on the classifier's features to the reference,
+    next to the real-data floor (FD of the real images to the reference)."""
+    n = min(n, len(held_out) // 2)
+    if n < 2:
+        raise ValueError(f"{len(held_out)} held-out images are too few to evaluate: FD needs 2 + 2 (hold out more)")
+    real = held_out.batch(range(n), runtime.device)
+    recon = reconstruct(autoencoder, real["image"], runtime)
+    result = {"n": n, "psnr": psnr(real["image"], recon).mean().item(), "sampler": sampler,
+              "steps": steps or (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T)), "by_guidance": {}}
+    if classifier is None:
+        return result  # no labels, no classifier: no feature network for FD yet
+    labels = real.get("label")
+    reference = classifier.all_features(held_out.batch(range(n, 2 * n), runtime.device)["image"])
+    result["fd_real_floor"] = frechet_distance(classifier.all_features(real["image"]), reference)
+    if labels is not None:
+        result["accuracy_real"] = accuracy(classifier, real["image"], labels)
+        result["accuracy_reconstructions"] = accuracy(classifier, recon, labels)
+    conditional = bool(denoiser.classes)
+    names = [denoiser.classes[i] for i in labels.tolist()] if conditional else [""] * n
+    for scale in guidance_scales if conditional else (1.0,):
+        images = torch.cat([
+            generate(denoiser, names[i:i + batch_size], schedule, autoencoder.cfg.latent_shape, runtime,
+                     prediction=prediction, guidance_scale=scale, autoencoder=autoencoder, seed=seed + i,
+                     sampler=sampler, steps=steps)
+            for i in range(0, n, batch_size)])
+        features = classifier.all_features(images)
+        fd = frechet_distance(features, reference)
+        kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=min(n, 256))
+        scores = {"guidance": scale, "fd": fd, "fd_ratio": fd / max(result["fd_real_floor"], 1e-12),
+                  "kid": kid_mean, "kid_std": kid_std}
+        if conditional:
+            scores["class_accuracy"] = accuracy(classifier, images, labels)
+        result["by_guidance"][scale] = scores
     return result

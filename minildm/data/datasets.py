@@ -166,6 +166,18 @@ def load_dataset(name: str, root, image_size: int, train: bool = True, download:
     return ImageDataset(base, image_size, channels, target_key)
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def epoch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> list[int]:
+    """The indices of batch `step` when a data set of n items is read in epochs: epoch e is a permutation of
+    range(n) fixed by (seed, e), and batches run through the epochs back to back (one may span two)."""
+    positions = (divmod(k, n) for k in range(step * batch_size, (step + 1) * batch_size))
+    return [_permutation(n, seed, epoch)[pos] for epoch, pos in positions]
+
+
 def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None) -> Callable[[int], object]:
     """The batch feeder of a map-style data set: `batch_at(step)`, a fresh permutation each epoch fixed by
     (seed, epoch), so a resumed run sees the batches the interrupted one would have seen."""
@@ -176,12 +188,7 @@ def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None) -> C
         raise ValueError("dataset_batch_at got an empty data set")
     collate = collate or torch.utils.data.default_collate
 
-    @functools.lru_cache(maxsize=2)
-    def permutation(epoch: int) -> list[int]:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
     def batch_at(step: int):
-        positions = (divmod(k, n) for k in range(step * batch_size, (step + 1) * batch_size))
-        return collate([dataset[permutation(epoch)[pos]] for epoch, pos in positions])
+        return collate([dataset[i] for i in epoch_indices(n, batch_size, step, seed)])
 
     return batch_at
