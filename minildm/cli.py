@@ -209,19 +209,26 @@ def cmd_train_data(args) -> int:
     print(f"[2/3] latent diffusion ({condition}) on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder,
                                             images_at=feeder(ldm.train.batch_size), classes=data.classes)
-    names = [c for c in (data.classes or [""])[:10] for _ in range(4 if condition == "class" else 8)]
+    # DPM-Solver++(2M) in 20 steps for the samples and the evaluation: 50x fewer model calls than DDPM
+    per_class = (2 if rt.fast else 4) if condition == "class" else 16
+    names = [c for c in (data.classes or [""])[:10] for _ in range(per_class)]
     samples = generate(denoiser, names, schedule, shape, rt, prediction=ldm.diffusion.prediction,
                        guidance_scale=args.guidance if condition == "class" else 1.0, autoencoder=autoencoder,
-                       progress=True)
-    path = save_grid(out / "samples.png", samples, nrow=4 if condition == "class" else 8,
-                     captions=names if condition == "class" else None, title=f"samples ({args.dataset})")
+                       progress=True, sampler="dpmpp_2m", steps=20)
+    title = f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {args.guidance}"
+                                                                      if condition == "class" else "")
+    if rt.fast:
+        title += "\n(fast mode: tiny models trained for a few steps)"
+    path = save_grid(out / "samples.png", samples, nrow=per_class if condition == "class" else 8,
+                     captions=names if condition == "class" else None, title=title)
     print(f"wrote {path}")
     if data.labels is not None:
         cfg, train_cfg = preset.classifier_recipe(len(data.classes), fast=rt.fast)
         print(f"[3/3] the course's classifier for {args.dataset} (class accuracy, FD/KID features): "
               f"checkpoint {out / 'classifier.pt'}")
         train_classifier(cfg, train_cfg, feeder(train_cfg.batch_size), rt, out / "classifier.pt", data.classes)
-    result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(args.guidance,))
+    result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(args.guidance,),
+                          sampler="dpmpp_2m", steps=20)
     print(format_evaluation(result))
     print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
     return 0

@@ -183,7 +183,7 @@ class DataPreset:
 
     def describe(self, fast: bool | None = None) -> str:
         if _fast(fast):
-            budget = f"fast mode: {self.fast_images} images decoded, 20 + 20 + 40 steps"
+            budget = f"fast mode: {self.fast_images} images decoded, at most 32 held out, 20 + 20 + 40 steps"
         else:
             budget = (f"{self.autoencoder_seconds:.0f} s autoencoder + {self.diffusion_seconds:.0f} s latent "
                       f"diffusion + {self.classifier_seconds:.0f} s classifier on one GPU")
