@@ -9,12 +9,13 @@ The names a notebook needs most:
 """
 
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
-from minildm.config import autoencoder_recipe, checkpoint_dir, diffusion_recipe
-from minildm.data import ShapesConfig, ShapesDataset, load_dataset
+from minildm.config import DATA_PRESETS, autoencoder_recipe, checkpoint_dir, data_preset, diffusion_recipe
+from minildm.data import ShapesConfig, ShapesDataset, load_dataset, load_images, tensor_batch_at
 from minildm.device import fast_mode, setup
 from minildm.judge import caption_accuracy, judge_for
 from minildm.pipeline import (
     evaluate_autoencoder,
+    evaluate_classes,
     evaluate_text_to_image,
     generate,
     load_autoencoder,
@@ -28,6 +29,7 @@ from minildm.unet import UNet, UNetConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "DATA_PRESETS",
     "Autoencoder",
     "AutoencoderConfig",
     "NoiseSchedule",
@@ -38,8 +40,10 @@ __all__ = [
     "autoencoder_recipe",
     "caption_accuracy",
     "checkpoint_dir",
+    "data_preset",
     "diffusion_recipe",
     "evaluate_autoencoder",
+    "evaluate_classes",
     "evaluate_text_to_image",
     "fast_mode",
     "generate",
@@ -47,7 +51,9 @@ __all__ = [
     "load_autoencoder",
     "load_dataset",
     "load_diffusion",
+    "load_images",
     "setup",
+    "tensor_batch_at",
     "train_autoencoder",
     "train_diffusion",
 ]

@@ -40,6 +40,13 @@ def cmd_train(args) -> int:
     import torch
 
     from minildm import distributed
+
+    if args.dataset != "shapes":
+        return cmd_train_data(args)
+    if args.condition is not None or args.image_size is not None or args.root is not None:
+        raise ValueError("--condition, --image-size and --root are for real data sets (--dataset mnist, cifar10, "
+                         "...); Shapes trains text-conditioned at its preset size")
+
     from minildm.config import HOLDOUT_SEED, autoencoder_recipe, diffusion_recipe
     from minildm.data.shapes import ShapesConfig, ShapesDataset
     from minildm.device import setup
@@ -128,6 +135,157 @@ def _train_diffusion_rank(args, rt, autoencoder) -> int:
     return 0
 
 
+MANIFEST = "data.json"  # what a run on a real data set was trained on (`minildm train --dataset ...`)
+
+
+def load_training_images(preset, root: Path, fast: bool, seed: int):
+    """(images, split name) of a real data set for training: the training split, or (MNIST-like data sets whose
+    training split is absent, e.g. ../shared/data) the test split, said so. Fast mode decodes a few hundred."""
+    from minildm.data.datasets import DatasetNotFoundError
+    from minildm.data.images import load_images
+
+    limit = preset.fast_images if fast else None
+    how = {"image_size": preset.image_size, "channels": preset.channels, "limit": limit, "seed": seed}
+    if preset.name not in ("mnist", "fashion-mnist"):
+        return load_images(preset.name, root, **how), "train"
+    try:
+        return load_images(preset.name, root, train=True, **how), "train"
+    except DatasetNotFoundError:
+        images = load_images(preset.name, root, train=False, **how)
+        print(f"{preset.name}: no training split under {root}; training on part of the test split, the rest held out")
+        return images, "test"
+
+
+def cmd_train_data(args) -> int:
+    """`minildm train --dataset NAME --root PATH`: the two stages on a real data set, class-conditional where it has
+    labels, then the course's classifier for it and the evaluation."""
+    import json
+
+    import torch
+
+    from minildm import distributed
+    from minildm.classifier import train_classifier
+    from minildm.config import HOLDOUT_SEED, data_preset
+    from minildm.data.images import tensor_batch_at
+    from minildm.device import setup
+    from minildm.metrics import psnr
+    from minildm.pipeline import generate, reconstruct, train_autoencoder, train_diffusion
+    from minildm.viz import save_grid
+
+    rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)  # under torchrun: joins the group
+    main = distributed.is_main()  # every rank trains; rank 0 alone writes, draws and evaluates
+    start = time.perf_counter()
+    preset = data_preset(args.dataset, image_size=args.image_size)
+    if args.f != 4:
+        preset = dataclasses.replace(preset, f=args.f)
+    print(preset.describe(rt.fast))
+    if args.root is None:
+        raise ValueError(f"--dataset {args.dataset} needs --root PATH, the folder that holds it")
+    root = Path(args.root).expanduser().resolve()
+    out = Path(args.out)
+    if args.fresh and main:
+        for old in (*out.glob("*.pt"), out / MANIFEST):
+            old.unlink(missing_ok=True)
+    distributed.barrier("deleting the old checkpoints (--fresh)")
+    data, split = load_training_images(preset, root, rt.fast, args.seed)
+    condition = args.condition or ("class" if data.labels is not None else "none")
+    if condition == "class" and data.labels is None:
+        why = ("its folder holds images but no class folders" if args.dataset == "imagefolder"
+               else "it has attributes, not classes" if args.dataset == "celeba" else "it has no labels")
+        raise ValueError(f"--condition class needs class labels, but {args.dataset} at {root} has none ({why}); "
+                         "train with --condition none, or sort the images into class folders ROOT/<class>/<image>")
+    train, held = data.split(preset.held_out_for(len(data), rt.fast), seed=HOLDOUT_SEED)
+    manifest = {"dataset": args.dataset, "root": str(root), "split": split, "image_size": preset.image_size,
+                "channels": preset.channels, "f": preset.f, "condition": condition, "classes": data.classes,
+                "images": len(data), "held_out": len(held), "skipped": len(data.skipped), "seed": args.seed}
+    old = out / MANIFEST
+    if old.exists():
+        was = json.loads(old.read_text())
+        if any(was.get(k) != manifest[k] for k in ("dataset", "root", "image_size", "channels", "f", "condition")):
+            raise ValueError(f"'{out}' holds a run on {was.get('dataset')} at {was.get('root')} "
+                             f"({was.get('image_size')} px, condition {was.get('condition')}), not this one; use "
+                             "another --out, or --fresh to start over there")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        old.write_text(json.dumps(manifest, indent=1))
+        save_held_out(out / "held_out.pt", held)
+    skipped = f" ({len(data.skipped)} unreadable files skipped)" if data.skipped else ""
+    print(f"{len(data)} images of {args.dataset} ({split} split){skipped}: {len(train)} to train on, {len(held)} held "
+          f"out; condition: {condition}" + (f" ({len(data.classes)} classes)" if condition == "class" else ""))
+
+    def feeder(batch_size: int):
+        epoch = -(-len(train) // batch_size)
+        print(f"  batch {batch_size}: one epoch = {epoch} steps (shuffled anew each epoch)")
+        return tensor_batch_at(train, batch_size, rt.device, seed=args.seed, hflip=preset.hflip)
+
+    recipe = preset.autoencoder_recipe(args.regularizer, fast=rt.fast)
+    if args.steps is not None:
+        recipe.train.steps, recipe.train.max_seconds = args.steps, None
+    ckpt = out / f"autoencoder_{args.regularizer}_f{preset.f}.pt"
+    print(f"[1/3] autoencoder ({args.regularizer.upper()}, f={preset.f}): checkpoint {ckpt}")
+    autoencoder, _ = train_autoencoder(recipe, rt, ckpt, images_at=feeder(recipe.train.batch_size))
+    if not main and args.stage == "autoencoder":
+        distributed.cleanup()
+        return 0
+    x = held.batch(range(min(8, len(held))), rt.device)["image"]
+    recon = reconstruct(autoencoder, x, rt)
+    title = f"held-out images (top) and reconstructions (bottom), PSNR {psnr(x, recon).mean():.1f} dB"
+    if main:
+        print(f"wrote {save_grid(out / 'reconstructions.png', torch.cat([x, recon]), nrow=len(x), title=title)}")
+    if args.stage == "autoencoder":
+        distributed.cleanup()
+        return 0
+
+    autoencoder.requires_grad_(False)
+    shape = autoencoder.cfg.latent_shape
+    ldm = preset.diffusion_recipe(shape, condition, fast=rt.fast)
+    ckpt = out / "diffusion_latent.pt"
+    print(f"[2/3] latent diffusion ({condition}) on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
+    denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder,
+                                            images_at=feeder(ldm.train.batch_size), classes=data.classes)
+    distributed.cleanup()  # training is over: rank 0 samples, trains the classifier and evaluates alone
+    if not main:
+        return 0
+    # DPM-Solver++(2M) in 20 steps for the samples and the evaluation: 50x fewer model calls than DDPM
+    per_class = (2 if rt.fast else 4) if condition == "class" else 16
+    names = [c for c in (data.classes or [""])[:10] for _ in range(per_class)]
+    samples = generate(denoiser, names, schedule, shape, rt, prediction=ldm.diffusion.prediction,
+                       guidance_scale=args.guidance if condition == "class" else 1.0, autoencoder=autoencoder,
+                       progress=True, sampler="dpmpp_2m", steps=20)
+    title = f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {args.guidance}"
+                                                                      if condition == "class" else "")
+    if rt.fast:
+        title += "\n(fast mode: tiny models trained for a few steps)"
+    path = save_grid(out / "samples.png", samples, nrow=per_class if condition == "class" else 8,
+                     captions=names if condition == "class" else None, title=title)
+    print(f"wrote {path}")
+    if data.labels is not None:
+        cfg, train_cfg = preset.classifier_recipe(len(data.classes), fast=rt.fast)
+        print(f"[3/3] the course's classifier for {args.dataset} (class accuracy, FD/KID features): "
+              f"checkpoint {out / 'classifier.pt'}")
+        train_classifier(cfg, train_cfg, feeder(train_cfg.batch_size), rt, out / "classifier.pt", data.classes)
+    result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(args.guidance,),
+                          sampler="dpmpp_2m", steps=20)
+    print(format_evaluation(result))
+    print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
+    return 0
+
+
+def save_held_out(path: Path, held) -> None:
+    from minildm.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"kind": "held_out", "images": held.images.cpu(), "classes": held.classes,
+                           "labels": held.labels.cpu() if held.labels is not None else None})
+
+
+def load_held_out(path: Path):
+    from minildm.checkpoint import load_checkpoint
+    from minildm.data.images import ImageTensors
+
+    state = load_checkpoint(path, kind="held_out")
+    return ImageTensors(state["images"], state["labels"], state["classes"])
+
+
 def load_run(folder: Path, device):
     """(autoencoder, denoiser, schedule, DiffusionConfig) of a `minildm train` folder, or a clear error."""
     from minildm.pipeline import load_autoencoder, load_diffusion
@@ -154,6 +312,9 @@ def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], j
     if n < 2:
         raise ValueError(f"asked to evaluate {n} samples; caption accuracy and FD need at least 2 (e.g. -n 512)")
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(folder, rt.device)
+    if (folder / MANIFEST).exists():  # a run on a real data set: the course's classifier for it is the referee
+        return evaluate_data_run(folder, rt, n, guidance_scales, autoencoder, denoiser, schedule, diffusion_cfg,
+                                 json_path, sampler, steps)
     size = autoencoder.cfg.image_size
     if judge_path is not None:
         judge = load_judge(judge_path, rt.device, image_size=size)
@@ -171,8 +332,37 @@ def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], j
     return result
 
 
+def evaluate_data_run(folder: Path, rt, n, guidance_scales, autoencoder, denoiser, schedule, diffusion_cfg,
+                      json_path=None, sampler="ddpm", steps=None) -> dict:
+    """Stage 7 on a run of `minildm train --dataset ...`: `pipeline.evaluate_classes` with its held-out images and
+    its classifier (none for unlabelled data: PSNR only). Writes JSON (default <folder>/evaluation.json)."""
+    import json
+
+    from minildm.classifier import load_classifier
+    from minildm.pipeline import evaluate_classes
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    classifier = None
+    if manifest["classes"]:
+        if not (folder / "classifier.pt").exists():
+            raise FileNotFoundError(f"no classifier.pt in '{folder}': `minildm train` trains it after the diffusion "
+                                    "model; run the same `minildm train` command again to finish")
+        classifier = load_classifier(folder / "classifier.pt", rt.device)
+    scores = evaluate_classes(denoiser, schedule, autoencoder, rt, classifier, load_held_out(folder / "held_out.pt"),
+                              n=n, guidance_scales=guidance_scales, prediction=diffusion_cfg.prediction,
+                              sampler=sampler, steps=steps)
+    result = {"run": str(folder), "device": rt.describe(), "dataset": manifest["dataset"],
+              "condition": manifest["condition"],
+              "feature_network": f"the course's {manifest['dataset']} classifier (not Inception)" if classifier
+              else None, "data": scores}
+    (json_path or folder / "evaluation.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def format_evaluation(result: dict) -> str:
     """The evaluation as a text table; every line names its number of samples and guidance scale."""
+    if "data" in result:
+        return format_data_evaluation(result)
     first, t2i = result["first_stage"], result["text_to_image"]
     recon, real = first["judge_on_reconstructions"], first["judge_on_real"]
     lines = [(f"first stage, {first['n']} held-out images: PSNR {first['psnr']:.2f} dB; judge, objects right: "
@@ -186,6 +376,26 @@ def format_evaluation(result: dict) -> str:
         lines.append(f"  {float(scale):8.1f} | {100 * r['place']:5.1f}  {100 * r['shape']:5.1f}  {100 * r['colour']:6.1f}"
                      f"  {100 * r['size']:4.1f} | {100 * r['object']:6.1f}%  {100 * r['caption']:7.1f}% | "
                      f"{r['extra_per_image']:9.2f} | {r['fd']:5.2f}  {r['fd_ratio']:8.2f} | "
+                     f"{r['kid']:.4f} +- {r['kid_std']:.4f}")
+    return "\n".join(lines)
+
+
+def format_data_evaluation(result: dict) -> str:
+    d = result["data"]
+    lines = [f"{result['dataset']}, {d['n']} held-out images: reconstruction PSNR {d['psnr']:.2f} dB"]
+    if result["feature_network"] is None:
+        lines.append("  no labels, so no classifier of the course: no class accuracy, FD or KID (not built yet)")
+        return "\n".join(lines)
+    if "accuracy_real" in d:
+        lines.append(f"  classifier accuracy: {100 * d['accuracy_real']:.1f}% on the real held-out images, "
+                     f"{100 * d['accuracy_reconstructions']:.1f}% on their reconstructions")
+    lines.append(f"  samples ({result['condition']}, {d['sampler']}, {d['steps']} steps, {d['n']} samples, one per "
+                 f"held-out label); FD and KID on the features of {result['feature_network']}, "
+                 f"real-data floor {d['fd_real_floor']:.2f}:")
+    lines.append("  guidance | class accuracy |     FD  FD/floor | KID")
+    for scale, r in d["by_guidance"].items():
+        acc = f"{100 * r['class_accuracy']:13.1f}%" if "class_accuracy" in r else f"{'-':>14}"
+        lines.append(f"  {float(scale):8.1f} | {acc} | {r['fd']:6.2f}  {r['fd_ratio']:8.2f} | "
                      f"{r['kid']:.4f} +- {r['kid_std']:.4f}")
     return "\n".join(lines)
 
@@ -208,11 +418,22 @@ def cmd_sample(args) -> int:
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(Path(args.run), rt.device)
-    captions = [c for c in args.caption for _ in range(args.n)]
+    guidance = args.guidance
+    if diffusion_cfg.condition == "none":
+        if args.caption:
+            raise ValueError(f"the run in '{args.run}' is unconditional: it takes no class names or captions, got "
+                             f"{args.caption[:3]}; run `minildm sample --run {args.run} -n 16` without them")
+        captions, guidance = [""] * args.n, 1.0
+    elif not args.caption:
+        kind = "class names (e.g. " + ", ".join(denoiser.classes[:3]) + ")" if diffusion_cfg.condition == "class" \
+            else "captions"
+        raise ValueError(f"the run in '{args.run}' is conditional: name one or more {kind}")
+    else:
+        captions = [c for c in args.caption for _ in range(args.n)]
     images = generate(denoiser, captions, schedule, autoencoder.cfg.latent_shape, rt,
-                      prediction=diffusion_cfg.prediction, guidance_scale=args.guidance, autoencoder=autoencoder,
+                      prediction=diffusion_cfg.prediction, guidance_scale=guidance, autoencoder=autoencoder,
                       seed=args.seed, progress=True, sampler=args.sampler, steps=args.steps)
-    path = save_grid(args.out, images, nrow=args.n, captions=captions)
+    path = save_grid(args.out, images, nrow=args.n, captions=captions if any(captions) else None)
     print(f"wrote {path}")
     return 0
 
@@ -267,11 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minildm", description="Latent diffusion from scratch: the course's command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train the pipeline on Shapes: autoencoder, then latent diffusion",
-                       description="Train the autoencoder, then text-conditioned latent diffusion on its latents, on "
-                       "the Shapes data set (each resuming from its checkpoint in --out if one exists). Writes "
-                       "reconstructions.png (held-out images and reconstructions) and samples.png (samples for "
-                       "held-out captions).")
+    p = sub.add_parser("train", help="train the pipeline: autoencoder, then latent diffusion",
+                       description="Train the autoencoder, then latent diffusion on its latents (each resuming from "
+                       "its checkpoint in --out if one exists): text-conditioned on the Shapes data set, or on a real "
+                       "data set (--dataset, --root) class-conditional where it has labels, unconditional otherwise, "
+                       "then the course's classifier for it. Writes reconstructions.png (held-out images and "
+                       "reconstructions), samples.png and evaluation.json.")
     _add_common(p)
     p.add_argument("--out", default="runs/default", help="folder for the checkpoint and pictures (default: %(default)s)")
     p.add_argument("--regularizer", choices=["kl", "vq"], default="kl", help="KL (default) or VQ autoencoder")
@@ -285,6 +507,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=None,
                    help="held-out captions sampled for the final evaluation (default: 512, 32 in fast mode)")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the samples and the evaluation")
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "mnist", "fashion-mnist", "cifar10", "celeba",
+                                                            "imagefolder"],
+                   help="what to train on (default: Shapes, text-conditioned); a real data set uses its preset "
+                   "(image size, channels, f, budgets: minildm/config.py DATA_PRESETS, printed at the start)")
+    p.add_argument("--root", default=None,
+                   help="folder of a real data set: e.g. data (holding MNIST/raw), or an image folder "
+                   "ROOT/<class>/<image> (the folders are the classes) or ROOT/<image> (no labels)")
+    p.add_argument("--image-size", type=int, default=None, help="image size instead of the preset's")
+    p.add_argument("--condition", choices=["class", "none"], default=None,
+                   help="class-conditional or unconditional (default: class where the data set has labels)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a trained pipeline: PSNR, caption accuracy, FD and KID",
@@ -306,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images for your own captions from a trained pipeline",
                        description="Load the checkpoints `minildm train` wrote and sample images for captions.")
     _add_common(p)
-    p.add_argument("caption", nargs="+", help='one or more captions, e.g. "a big red circle at the center"')
+    p.add_argument("caption", nargs="*", help='captions, e.g. "a big red circle at the center", or class names '
+                   "(a run on a real data set, e.g. cat dog, or 3 7 for MNIST); none for an unconditional run")
     p.add_argument("--run", default="runs/default", help="folder written by `minildm train` (default: %(default)s)")
     p.add_argument("-n", type=int, default=4, help="samples per caption")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")

@@ -36,13 +36,17 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     prediction: str = "eps"  # "eps", "x0" or "v"
     weighting: str | None = None  # None (LDM eq. 1) or "min_snr"
-    caption_drop: float = 0.1  # probability of training on the empty caption (for classifier-free guidance)
+    caption_drop: float = 0.1  # probability of training on the empty caption / null class (for guidance)
+    condition: str = "text"  # "text" (captions), "class" (class labels) or "none" (unconditional)
 
     def __post_init__(self):
         if self.space not in ("latent", "pixel"):
             raise ValueError(f"space must be 'latent' or 'pixel', got {self.space!r}")
         if not 0.0 <= self.caption_drop <= 1.0:
             raise ValueError(f"caption_drop is a probability in [0, 1], got {self.caption_drop}")
+        if self.condition not in ("text", "class", "none"):
+            raise ValueError(f"condition must be 'text', 'class' or 'none', got {self.condition!r}")
+
 
 
 def check_prediction(prediction: str) -> None:

@@ -16,9 +16,11 @@ from torch import nn
 from minildm import distributed
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
 from minildm.checkpoint import load_checkpoint
+from minildm.classifier import Classifier, accuracy
 from minildm.config import HOLDOUT_SEED, AutoencoderRecipe, DiffusionRecipe
+from minildm.data.images import ImageTensors
 from minildm.data.shapes import ShapesConfig, ShapesDataset, shapes_batch_at, vocabulary
-from minildm.denoiser import Denoiser
+from minildm.denoiser import ClassDenoiser, Denoiser
 from minildm.device import Runtime, cuda_graphed
 from minildm.diffusion import DiffusionConfig, diffusion_loss
 from minildm.ema import EMA
@@ -93,19 +95,29 @@ def evaluate_reconstruction(autoencoder: Autoencoder, data_cfg: ShapesConfig, ru
 
 
 def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: str | Path,
-                      progress: bool = True) -> tuple[Autoencoder, list[dict]]:
+                      progress: bool = True, images_at=None) -> tuple[Autoencoder, list[dict]]:
     """Train (or resume, or just load when finished) an autoencoder; returns the EMA model with its
-    latent scale factor set, and the training history."""
+    latent scale factor set, and the training history. Images come from Shapes (recipe.data), or from
+    `images_at(step)` -> {"image": ...} at the recipe's batch size (a real data set, `tensor_batch_at`)."""
     task = AutoencoderTask(recipe.model, recipe.loss)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
+    shapes = images_at is None
+    images_at = images_at or shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device)
+    trainer.fit(images_at, progress=progress)
     autoencoder = task.autoencoder
     if "scale_factor" not in trainer.extra:  # computed once after training, for the EMA weights
-        batch_at = shapes_batch_at(recipe.data, 64, runtime.device, rank=0, world_size=1)  # the same on every rank
-        batches = (batch_at(i)["image"] for i in range(8))
+        if shapes:  # 512 Shapes images, the same on every rank under torchrun
+            batch_at = shapes_batch_at(recipe.data, 64, runtime.device, rank=0, world_size=1)
+            batches = (batch_at(i)["image"] for i in range(8))
+        else:  # a real data set's feeder (under torchrun this rank's part of each batch; rank 0's value is shared)
+            batches = (images_at(i)["image"] for i in range(max(1, 512 // recipe.train.batch_size)))
         autoencoder.eval()
         with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():
             scale = autoencoder.compute_scale_factor(batches)
+        if distributed.place().distributed:  # each rank saw its own part of the data: rank 0's value for all
+            shared = torch.tensor([scale], dtype=torch.float64, device=runtime.device)
+            distributed.broadcast_tensors([shared], "sharing the latent scale factor")
+            scale = shared.item()
         set_scale_factor(autoencoder, trainer.ema, scale)
         trainer.extra = {"scale_factor": scale}  # marks it as computed for these weights (Trainer.fit clears it)
         trainer.save()  # the raw weights stay in "model" (to resume from), the averaged ones in "ema"
@@ -157,10 +169,15 @@ class DiffusionTask(nn.Module):
     kind = "diffusion"
 
     def __init__(self, unet_cfg: UNetConfig, text_cfg: TextConfig, diffusion_cfg: DiffusionConfig,
-                 tokenizer: WordTokenizer | None = None):
+                 tokenizer: WordTokenizer | None = None, classes: list[str] | None = None):
         super().__init__()
         self.unet_cfg, self.text_cfg, self.diffusion_cfg = unet_cfg, text_cfg, diffusion_cfg
-        self.denoiser = Denoiser(unet_cfg, text_cfg, tokenizer or WordTokenizer(vocabulary()))
+        if diffusion_cfg.condition == "text":
+            self.denoiser = Denoiser(unet_cfg, text_cfg, tokenizer or WordTokenizer(vocabulary()))
+        else:  # class labels through the class embedder; no classes = unconditional
+            if diffusion_cfg.condition == "class" and not classes:
+                raise ValueError("condition='class' needs the class names of the data set (classes=[...])")
+            self.denoiser = ClassDenoiser(unet_cfg, classes if diffusion_cfg.condition == "class" else [])
         self.schedule = NoiseSchedule.from_name(diffusion_cfg.schedule, T=diffusion_cfg.num_timesteps)
 
     def param_groups(self) -> dict:
@@ -169,13 +186,19 @@ class DiffusionTask(nn.Module):
     def losses(self, batch: dict, step: int):
         x0 = batch["x"]  # the schedule's tables are buffers of this module: they are on x0's device already
         cfg = self.diffusion_cfg
-        # The step's random numbers (dropped captions, timesteps, noise) are drawn for the global batch from
+        # The step's random numbers (dropped conditions, timesteps, noise) are drawn for the global batch from
         # generators seeded by the step; under torchrun each rank keeps its part (distributed.py). One process
         # draws the same numbers, and so does a resumed run.
         n = len(x0) * distributed.place().world_size
         drops = distributed.step_generator(step, "cpu", seed=1)  # another seed than the noise's: independent draws
-        dropped = distributed.part_of(torch.rand(n, generator=drops) < cfg.caption_drop)
-        ids = self.denoiser.tokenize(["" if drop else c for c, drop in zip(batch["caption"], dropped.tolist())])
+        dropped = distributed.part_of(torch.rand(n, generator=drops) < cfg.caption_drop)  # (B,) bool, on the CPU
+        if cfg.condition == "text":
+            ids = self.denoiser.tokenize(["" if drop else c for c, drop in zip(batch["caption"], dropped.tolist())])
+        elif cfg.condition == "class":
+            labels = batch["label"]
+            ids = torch.where(dropped.to(labels.device), self.denoiser.class_embedder.null_class, labels)
+        else:  # unconditional: the null class for every image
+            ids = torch.full((len(x0),), self.denoiser.class_embedder.null_class, dtype=torch.long, device=x0.device)
         g = distributed.step_generator(step, x0.device)
         t = distributed.part_of(self.schedule.sample_timesteps(n, generator=g, device=x0.device))
         eps = distributed.part_of(torch.randn((n, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype))
@@ -186,15 +209,20 @@ class DiffusionTask(nn.Module):
         return self.denoiser
 
     def config_dict(self) -> dict:
-        return {"unet": asdict(self.unet_cfg), "text": asdict(self.text_cfg),
-                "diffusion": asdict(self.diffusion_cfg), "tokenizer": self.denoiser.tokenizer.state_dict()}
+        out = {"unet": asdict(self.unet_cfg), "text": asdict(self.text_cfg), "diffusion": asdict(self.diffusion_cfg)}
+        if isinstance(self.denoiser, Denoiser):
+            out["tokenizer"] = self.denoiser.tokenizer.state_dict()
+        else:
+            out["classes"] = self.denoiser.classes
+        return out
 
 
 def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime,
-                       autoencoder: Autoencoder | None = None):
-    """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...]} from the Shapes data set.
-    With an autoencoder the images are encoded on the fly (frozen, no gradients): that is latent diffusion."""
-    images = shapes_batch_at(data_cfg, batch_size, runtime.device)
+                       autoencoder: Autoencoder | None = None, images_at=None):
+    """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...] or "label": (B,)} from the Shapes data
+    set, or from `images_at(step)` -> {"image", "label"} (a real data set). With an autoencoder the images are
+    encoded on the fly (frozen, no gradients): that is latent diffusion."""
+    images = images_at or shapes_batch_at(data_cfg, batch_size, runtime.device)
 
     def batch_at(step: int) -> dict:
         batch = images(step)
@@ -202,7 +230,7 @@ def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime
         if autoencoder is not None:
             with torch.no_grad(), runtime.autocast():
                 x = autoencoder.encode_latents(x).float()
-        return {"x": x, "caption": batch["caption"]}
+        return {"x": x, **{k: batch[k] for k in ("caption", "label") if k in batch}}
 
     return batch_at
 
@@ -250,15 +278,17 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
 
 
 def train_diffusion(recipe: DiffusionRecipe, runtime: Runtime, ckpt_path: str | Path, autoencoder: Autoencoder | None = None,
-                    progress: bool = True):
-    """Train (or resume, or load when finished) a text-conditioned denoiser; returns (EMA denoiser, schedule,
-    history). Latent space needs the trained `autoencoder`; pixel space takes None."""
+                    progress: bool = True, images_at=None, classes: list[str] | None = None):
+    """Train (or resume, or load when finished) a denoiser; returns (EMA denoiser, schedule, history). Latent space
+    needs the trained `autoencoder`; pixel space takes None. Text-conditioned on Shapes by default; on a real data
+    set pass `images_at(step)` -> {"image", "label"} and, with recipe.diffusion.condition "class", the class names."""
     if (recipe.diffusion.space == "latent") != (autoencoder is not None):
         raise ValueError(f"space={recipe.diffusion.space!r} needs "
                          f"{'a trained autoencoder' if recipe.diffusion.space == 'latent' else 'autoencoder=None'}")
-    task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
+    task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion, classes=classes)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder), progress=progress)
+    trainer.fit(diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder, images_at),
+                progress=progress)
     if trainer.ema is not None:
         trainer.ema.copy_to(task.denoiser)
     return task.denoiser.eval(), task.schedule, trainer.history
@@ -269,8 +299,9 @@ def load_diffusion(path: str | Path, device="cpu", use_ema: bool = True):
     state = load_checkpoint(path, kind="diffusion", map_location=device)
     cfg = state["config"]
     cfg["text"].setdefault("mask_padding", False)  # checkpoints from before padding masking let the UNet see it
+    tokenizer = WordTokenizer.from_state_dict(cfg["tokenizer"]) if "tokenizer" in cfg else None
     task = DiffusionTask(UNetConfig(**cfg["unet"]), TextConfig(**cfg["text"]), DiffusionConfig(**cfg["diffusion"]),
-                         WordTokenizer.from_state_dict(cfg["tokenizer"]))
+                         tokenizer, classes=cfg.get("classes"))
     task.load_state_dict(state["model"])
     denoiser = task.denoiser.to(device)
     if use_ema and state.get("ema"):
@@ -342,4 +373,48 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
         result["by_guidance"][scale] = scores
     result["captions"] = real["caption"]
     result["attributes"] = real["attributes"].cpu()
+    return result
+
+
+@torch.no_grad()
+def evaluate_classes(denoiser: ClassDenoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, runtime: Runtime,
+                     classifier: Classifier | None, held_out: ImageTensors, n: int = 1000,
+                     guidance_scales: tuple[float, ...] = (3.0,), prediction: str = "eps", batch_size: int = 256,
+                     seed: int = 0, sampler: str = "ddpm", steps: int | None = None) -> dict:
+    """Stage 7 on a real data set. The held-out images are cut in two: n "real" ones, whose labels the samples are
+    drawn for (one sample each), and n others, the reference. Reports reconstruction PSNR of the real ones, and with
+    a classifier (labelled data): its accuracy on real images and on reconstructions, and per guidance scale the
+    class accuracy of the samples (class-conditional runs), FD and KID on the classifier's features to the reference,
+    next to the real-data floor (FD of the real images to the reference)."""
+    n = min(n, len(held_out) // 2)
+    if n < 2:
+        raise ValueError(f"{len(held_out)} held-out images are too few to evaluate: FD needs 2 + 2 (hold out more)")
+    real = held_out.batch(range(n), runtime.device)
+    recon = reconstruct(autoencoder, real["image"], runtime)
+    result = {"n": n, "psnr": psnr(real["image"], recon).mean().item(), "sampler": sampler,
+              "steps": steps or (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T)), "by_guidance": {}}
+    if classifier is None:
+        return result  # no labels, no classifier: no feature network for FD yet
+    labels = real.get("label")
+    reference = classifier.all_features(held_out.batch(range(n, 2 * n), runtime.device)["image"])
+    result["fd_real_floor"] = frechet_distance(classifier.all_features(real["image"]), reference)
+    if labels is not None:
+        result["accuracy_real"] = accuracy(classifier, real["image"], labels)
+        result["accuracy_reconstructions"] = accuracy(classifier, recon, labels)
+    conditional = bool(denoiser.classes)
+    names = [denoiser.classes[i] for i in labels.tolist()] if conditional else [""] * n
+    for scale in guidance_scales if conditional else (1.0,):
+        images = torch.cat([
+            generate(denoiser, names[i:i + batch_size], schedule, autoencoder.cfg.latent_shape, runtime,
+                     prediction=prediction, guidance_scale=scale, autoencoder=autoencoder, seed=seed + i,
+                     sampler=sampler, steps=steps)
+            for i in range(0, n, batch_size)])
+        features = classifier.all_features(images)
+        fd = frechet_distance(features, reference)
+        kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=min(n, 256))
+        scores = {"guidance": scale, "fd": fd, "fd_ratio": fd / max(result["fd_real_floor"], 1e-12),
+                  "kid": kid_mean, "kid_std": kid_std}
+        if conditional:
+            scores["class_accuracy"] = accuracy(classifier, images, labels)
+        result["by_guidance"][scale] = scores
     return result

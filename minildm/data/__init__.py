@@ -1,7 +1,9 @@
 """Stage 1, the data: the procedural Shapes data set and real image data sets through torchvision, and one batch
-feeder for each (`shapes_batch_at`, `dataset_batch_at`): `batch_at(step)`, what the Trainer consumes."""
+feeder for each (`shapes_batch_at`, `dataset_batch_at`, and `tensor_batch_at` for finite data decoded into memory):
+`batch_at(step)`, what the Trainer consumes."""
 
 from minildm.data.datasets import DATASETS, DatasetNotFoundError, ImageDataset, dataset_batch_at, load_dataset
+from minildm.data.images import ImageTensors, load_images, tensor_batch_at
 from minildm.data.shapes import (
     COLOURS,
     MAX_OBJECTS,
@@ -36,6 +38,7 @@ __all__ = [
     "Background",
     "DatasetNotFoundError",
     "ImageDataset",
+    "ImageTensors",
     "Scene",
     "ShapeObject",
     "ShapesConfig",
@@ -45,10 +48,12 @@ __all__ = [
     "class_name",
     "dataset_batch_at",
     "load_dataset",
+    "load_images",
     "make_batch",
     "render",
     "sample_scene",
     "sample_scenes",
     "shapes_batch_at",
+    "tensor_batch_at",
     "vocabulary",
 ]

@@ -167,6 +167,18 @@ def load_dataset(name: str, root, image_size: int, train: bool = True, download:
     return ImageDataset(base, image_size, channels, target_key)
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def epoch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> list[int]:
+    """The indices of batch `step` when a data set of n items is read in epochs: epoch e is a permutation of
+    range(n) fixed by (seed, e), and batches run through the epochs back to back (one may span two)."""
+    positions = (divmod(k, n) for k in range(step * batch_size, (step + 1) * batch_size))
+    return [_permutation(n, seed, epoch)[pos] for epoch, pos in positions]
+
+
 def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None, rank: int | None = None,
                      world_size: int | None = None) -> Callable[[int], object]:
     """The batch feeder of a map-style data set: `batch_at(step)`, a fresh permutation each epoch fixed by
@@ -186,13 +198,8 @@ def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None, rank
         raise ValueError("dataset_batch_at got an empty data set")
     collate = collate or torch.utils.data.default_collate
 
-    @functools.lru_cache(maxsize=2)
-    def permutation(epoch: int) -> list[int]:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
     def batch_at(step: int):
-        first = step * batch_size + rank * local
-        positions = (divmod(k, n) for k in range(first, first + local))
-        return collate([dataset[permutation(epoch)[pos]] for epoch, pos in positions])
+        mine = epoch_indices(n, batch_size, step, seed)[rank * local:(rank + 1) * local]  # this rank's part
+        return collate([dataset[i] for i in mine])
 
     return batch_at

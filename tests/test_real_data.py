@@ -1,0 +1,255 @@
+"""Training on real data sets (stage 11): finite data in memory, presets, bad input, class conditioning, the
+course's classifier, and `minildm train --dataset ...` on the MNIST and CIFAR-10 copies in ../shared/data."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from test_datasets import DATA, needs_data
+
+from minildm.classifier import ClassifierConfig, accuracy, train_classifier
+from minildm.cli import main
+from minildm.config import DATA_PRESETS, data_preset
+from minildm.data.datasets import DatasetNotFoundError, epoch_indices
+from minildm.data.images import ImageTensors, load_images, tensor_batch_at
+from minildm.denoiser import ClassDenoiser
+from minildm.device import Runtime
+from minildm.train import TrainConfig
+from minildm.unet import UNetConfig
+
+CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, fast=True)
+
+
+def write_images(folder, specs):
+    """specs: (name, mode, (w, h)) -> files in folder, each a different colour."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, mode, size) in enumerate(specs):
+        image = Image.new("RGB", size, (40 * i % 256, 200, 90)).convert(mode)
+        image.save(folder / name)
+
+
+# ---------------------------------------------------------------- image folders: bad input
+
+
+def test_image_folder_without_images_is_a_clear_error(tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "notes.txt").write_text("no pictures here")
+    with pytest.raises(DatasetNotFoundError, match="no image files") as info:
+        load_images("imagefolder", tmp_path, image_size=16)
+    assert str(tmp_path) in str(info.value) and "put your images in" in str(info.value)
+
+
+def test_train_on_an_empty_image_folder_exits_with_the_problem_and_the_fix(tmp_path, capsys):
+    rc = main(["train", "--dataset", "imagefolder", "--root", str(tmp_path), "--out", str(tmp_path / "run"), "--fast"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no image files" in err and "put your images in" in err
+    assert not (tmp_path / "run" / "autoencoder_kl_f4.pt").exists()
+
+
+def test_mixed_sizes_and_modes_become_one_tensor(tmp_path):
+    write_images(tmp_path / "a", [("grey.png", "L", (20, 30)), ("rgba.png", "RGBA", (64, 64)),
+                                  ("palette.png", "P", (40, 40)), ("wide.jpg", "RGB", (100, 50))])
+    write_images(tmp_path / "b", [("grey_alpha.png", "LA", (17, 17)), ("cmyk.jpg", "CMYK", (33, 21))])
+    data = load_images("imagefolder", tmp_path, image_size=16)
+    assert data.images.shape == (6, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert data.classes == ["a", "b"] and data.labels.tolist() == [0, 0, 0, 0, 1, 1]
+    grey = data.images[0]  # a.grey.png, the first file of "a" in sorted order
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert not torch.equal(data.images[3][0], data.images[3][1])  # colour stays colour
+    assert not data.skipped
+    single = load_images("imagefolder", tmp_path, image_size=8, channels=1)
+    assert single.images.shape == (6, 1, 8, 8)
+
+
+def test_corrupt_files_are_skipped_with_a_warning_and_counted(tmp_path):
+    write_images(tmp_path / "ok", [(f"{i}.png", "RGB", (12, 12)) for i in range(5)])
+    good = (tmp_path / "ok" / "0.png").read_bytes()
+    (tmp_path / "ok" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "ok" / "text.jpg").write_text("not a jpeg")
+    with pytest.warns(UserWarning, match="skipped 2 of 7 files"):
+        data = load_images("imagefolder", tmp_path, image_size=8)
+    assert len(data) == 5 and len(data.skipped) == 2
+    assert {name.rsplit("/", 1)[-1] for name, _ in data.skipped} == {"truncated.png", "text.jpg"}
+    batch_at = tensor_batch_at(data, 4, "cpu")
+    for step in range(10):  # several epochs over what was kept: no file is read again, nothing can fail
+        assert batch_at(step)["image"].shape == (4, 3, 8, 8)
+
+
+def test_only_corrupt_files_is_an_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="none of the 1 files could be read"):
+        load_images("imagefolder", tmp_path, image_size=8)
+
+
+def test_loose_images_beside_class_folders_are_left_out_with_a_warning(tmp_path):
+    write_images(tmp_path / "dogs", [("d.png", "RGB", (9, 9))])
+    write_images(tmp_path, [("loose.png", "RGB", (9, 9))])
+    with pytest.warns(UserWarning, match="not in any class"):
+        data = load_images("imagefolder", tmp_path, image_size=8)
+    assert len(data) == 1 and data.classes == ["dogs"]
+
+
+def test_condition_class_on_a_data_set_without_labels_is_refused(tmp_path, capsys):
+    write_images(tmp_path / "pics", [(f"{i}.png", "RGB", (20, 20)) for i in range(12)])  # no class folders
+    rc = main(["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--condition", "class",
+               "--out", str(tmp_path / "run"), "--fast", "--image-size", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--condition class needs class labels" in err and "--condition none" in err
+
+
+def test_shapes_refuses_real_data_options(capsys):
+    assert main(["train", "--condition", "class", "--fast"]) == 2
+    assert "real data sets" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- finite data: splits, epochs, presets
+
+
+def toy(n=10, classes=2):
+    images = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 4, 4).clone()
+    return ImageTensors(images, torch.arange(n) % classes, [str(c) for c in range(classes)])
+
+
+def test_split_is_seeded_and_disjoint():
+    train, held = toy(20).split(5, seed=3)
+    ids = lambda d: set(d.images[:, 0, 0, 0].tolist())
+    assert len(train) == 15 and len(held) == 5 and not ids(train) & ids(held)
+    assert ids(toy(20).split(5, seed=3)[1]) == ids(held) and ids(toy(20).split(5, seed=4)[1]) != ids(held)
+    with pytest.raises(ValueError, match="cannot hold out 20 of 20"):
+        toy(20).split(20)
+
+
+def test_epochs_show_every_image_once_and_resume_sees_the_same_batches():
+    data = toy(10)
+    batch_at = tensor_batch_at(data, 5, "cpu", seed=1)
+    seen = torch.cat([batch_at(s)["image"][:, 0, 0, 0] for s in range(2)])  # the first epoch
+    assert sorted(seen.add(1).mul(127.5).round().long().tolist()) == list(range(10))
+    again = tensor_batch_at(data, 5, "cpu", seed=1)  # a resumed run: a new feeder, the same steps
+    for step in (3, 0, 7):
+        assert torch.equal(again(step)["image"], batch_at(step)["image"])
+        assert torch.equal(again(step)["label"], batch_at(step)["label"])
+    assert epoch_indices(10, 5, 2, seed=1) != epoch_indices(10, 5, 0, seed=1)  # reshuffled each epoch
+    flips = tensor_batch_at(ImageTensors(torch.randint(0, 255, (8, 1, 4, 4), dtype=torch.uint8)), 8, "cpu",
+                            hflip=True)
+    assert torch.equal(flips(5)["image"], flips(5)["image"])
+
+
+def test_presets_describe_themselves_and_check_the_image_size():
+    for name, preset in DATA_PRESETS.items():
+        text = preset.describe(fast=False)
+        assert name in text and f"f={preset.f}" in text and f"{preset.image_size} px" in text
+    with pytest.raises(ValueError, match="multiple of 16"):
+        data_preset("mnist", image_size=30)
+    with pytest.raises(ValueError, match="no preset"):
+        data_preset("imagenet")
+
+
+# ---------------------------------------------------------------- class conditioning, the classifier
+
+
+def test_class_denoiser_reads_names_numbers_and_refuses_unknown_ones():
+    unet = UNetConfig(in_channels=4, image_size=8, base_channels=16, channel_mult=(1,), num_res_blocks=1,
+                      attention_levels=(0,), heads=2, context_dim=16)
+    model = ClassDenoiser(unet, ["0 - zero", "1 - one", "cat"])
+    assert model.tokenize(["zero", "1", "CAT", "0 - zero", ""]).tolist() == [0, 1, 2, 0, 3]
+    with pytest.raises(ValueError, match="unknown class 'dog'.*cat"):
+        model.tokenize(["dog"])
+    with pytest.raises(ValueError, match="unconditional"):
+        ClassDenoiser(unet, []).tokenize(["cat"])
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([1, 5]), model.tokenize(["cat", ""]))
+    assert out.shape == (2, 4, 8, 8)
+
+
+def test_classifier_learns_an_easy_split():
+    torch.manual_seed(0)
+    labels = torch.arange(128) % 2  # class 1: a bright square in the middle
+    images = (torch.rand(128, 1, 16, 16) * 60).to(torch.uint8)
+    images[labels == 1, :, 5:11, 5:11] += 180
+    train, held = ImageTensors(images, labels, ["dark", "bright"]).split(32)
+    cfg = ClassifierConfig(1, 16, 2, width=8, feature_dim=16)
+    steps = TrainConfig(steps=30, batch_size=16, lr=3e-3, ema_decay=None, log_every=10, ckpt_every=100)
+    classifier = train_classifier(cfg, steps, tensor_batch_at(train, 16, "cpu"), CPU, None, progress=False)
+    x = held.batch(range(len(held)))["image"]
+    assert accuracy(classifier, x, held.labels) >= 0.9
+    assert classifier.all_features(x).shape == (32, 16)
+    with pytest.raises(ValueError, match="reads images"):
+        classifier.features(torch.zeros(2, 3, 16, 16))
+
+
+# ---------------------------------------------------------------- the whole command on the shared copies
+
+
+def train_run(tmp_path_factory, name, root, *extra):
+    out = tmp_path_factory.mktemp(name)
+    rc = main(["train", "--dataset", name, "--root", str(root), "--out", str(out), "--fast", "--steps", "4",
+               "--eval-n", "8", *extra])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    return train_run(tmp_path_factory, "mnist", DATA)
+
+
+@needs_data
+def test_train_on_mnist_class_conditional(mnist_run, capsys):
+    manifest = json.loads((mnist_run / "data.json").read_text())
+    assert manifest["condition"] == "class" and manifest["channels"] == 1 and len(manifest["classes"]) == 10
+    result = json.loads((mnist_run / "evaluation.json").read_text())
+    scores = result["data"]["by_guidance"]["3.0"]
+    assert 0 <= scores["class_accuracy"] <= 1 and scores["fd"] >= 0 and result["data"]["fd_real_floor"] > 0
+    assert "classifier" in result["feature_network"] and "not Inception" in result["feature_network"]
+    for picture in ("reconstructions.png", "samples.png"):
+        assert (mnist_run / picture).stat().st_size > 0
+    # Run again: everything is finished, so nothing trains again and the checkpoints stay as they were.
+    before = {p.name: p.stat().st_mtime_ns for p in mnist_run.glob("*.pt") if p.name != "held_out.pt"}
+    assert main(["train", "--dataset", "mnist", "--root", str(DATA), "--out", str(mnist_run), "--fast", "--steps",
+                 "4", "--eval-n", "8"]) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in mnist_run.glob("*.pt") if p.name != "held_out.pt"}
+    assert "preset mnist: 32 px, 1 channel(s), f=4" in capsys.readouterr().out
+
+
+@needs_data
+def test_sample_takes_class_names_and_refuses_unknown_ones(mnist_run, capsys):
+    out = mnist_run / "digits.png"
+    assert main(["sample", "3", "seven", "--run", str(mnist_run), "-n", "2", "--out", str(out), "--fast",
+                 "--sampler", "ddim", "--steps", "3"]) == 0
+    assert out.stat().st_size > 0
+    assert main(["sample", "cat", "--run", str(mnist_run), "--fast"]) == 2
+    assert "unknown class 'cat'" in capsys.readouterr().err
+
+
+@needs_data
+def test_a_run_on_other_data_in_the_same_folder_is_refused(mnist_run, tmp_path, capsys):
+    write_images(tmp_path / "a", [(f"{i}.png", "RGB", (20, 20)) for i in range(12)])
+    rc = main(["train", "--dataset", "imagefolder", "--root", str(tmp_path), "--out", str(mnist_run), "--fast",
+               "--image-size", "32"])
+    assert rc == 2 and "holds a run on mnist" in capsys.readouterr().err
+
+
+@needs_data
+def test_train_on_cifar10_jpegs_then_evaluate(tmp_path_factory, capsys):
+    run = train_run(tmp_path_factory, "cifar10", DATA / "cifar10-test")
+    manifest = json.loads((run / "data.json").read_text())
+    assert manifest["channels"] == 3 and manifest["f"] == 2 and "airplane" in manifest["classes"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "-n", "8", "--guidance", "1", "2", "--sampler", "ddim", "--steps", "3",
+                 "--fast"]) == 0
+    table = capsys.readouterr().out
+    assert "class accuracy" in table and "FD/floor" in table and "cifar10 classifier (not Inception)" in table
+    assert set(json.loads((run / "evaluation.json").read_text())["data"]["by_guidance"]) == {"1.0", "2.0"}
+
+
+def test_unconditional_run_on_an_unlabelled_image_folder(tmp_path, capsys):
+    write_images(tmp_path / "pics", [(f"{i}.png", "RGB", (24, 20)) for i in range(24)])
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(out), "--fast",
+                 "--image-size", "16", "--steps", "2", "--eval-n", "4"]) == 0
+    assert json.loads((out / "data.json").read_text())["condition"] == "none"
+    assert "no labels" in capsys.readouterr().out
+    assert main(["sample", "--run", str(out), "-n", "2", "--out", str(tmp_path / "s.png"), "--fast", "--sampler",
+                 "ddim", "--steps", "2"]) == 0
+    assert main(["sample", "cat", "--run", str(out), "--fast"]) == 2
+    assert "unconditional" in capsys.readouterr().err
