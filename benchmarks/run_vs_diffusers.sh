@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# benchmarks/vs_diffusers.py on the GPU machine in one device call (about 8 minutes, always under 9.5).
+#   Here, once:  ../shared/tools/gpu-wheels.sh diffusers==0.42.1 "huggingface_hub<2"     (fills .whl/)
+#   Device call: carry [".whl"], command `bash benchmarks/run_vs_diffusers.sh`
+#   Back in $OUT: vs_diffusers.jsonl (the records), table.md (the tables), log.txt (everything printed).
+# Eager first (both shapes, cheap), then the compiled variants shape by shape, each under a time limit: a process
+# stopped by its limit keeps the records it has written, and table.md is made from whatever came back.
+# A smoke test on a CPU: SMOKE=1 OUT=/tmp/vsd PYTHON=<python with torch> PYTHONPATH=<diffusers> bash <this script>
+set -u
+PY=${PYTHON:-python3}
+OUT=${OUT:-runs/vs_diffusers}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log="$OUT/log.txt"; res="$OUT/vs_diffusers.jsonl"
+if [ -z "${SMOKE:-}" ]; then
+  site=$(mktemp -d /tmp/site_vsd.XXXX)  # a fresh folder: a warm machine keeps /tmp, stale packages would shadow
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH=$site:$PWD
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$log"
+  args=(--seconds 2); limit_eager=150; limit_latent=250; total=540
+else
+  export PYTHONPATH=${PYTHONPATH:-}:$PWD
+  args=(--smoke); limit_eager=600; limit_latent=900; total=1800
+fi
+# Cold compile caches, so that the compile times are those of a first run on a fresh machine.
+export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d /tmp/inductor_vsd.XXXX) TRITON_CACHE_DIR=$(mktemp -d /tmp/triton_vsd.XXXX)
+bench() {  # bench <seconds allowed> <arguments...>
+  echo "== $(date +%T) vs_diffusers.py ${*:2} (at most $1 s)" | tee -a "$log"
+  timeout "$1" $PY benchmarks/vs_diffusers.py "${args[@]}" --out "$res" "${@:2}" >> "$log" 2>&1
+  echo "== exit $? after $SECONDS s in all" | tee -a "$log"
+}
+bench $limit_eager --modes eager
+bench $limit_latent --modes compiled --shapes latent
+left=$(( total - SECONDS ))
+if [ $left -gt 60 ]; then bench $left --modes compiled --shapes pixel; else echo "no time left for pixel, compiled" | tee -a "$log"; fi
+$PY benchmarks/vs_diffusers.py --table-from "$res" | tee "$OUT/table.md"
+grep -i -m5 "error\|Traceback" "$log"
+echo "run_vs_diffusers.sh: $SECONDS s"
