@@ -462,3 +462,16 @@ def test_old_layout_checkpoint_and_its_ema_weights_load(tmp_path):
     resumed.load_state_dict(ema)
     torch.testing.assert_close(resumed.shadow["unet.down_levels.0.blocks.0.res.conv1.weight"],
                                old_state["down.0.0.conv1.weight"])
+
+
+def test_spatial_transformer_computes_its_position_table_once_per_size():
+    """The cached table is exactly position_embedding_2d, reused at the same size and rebuilt at another."""
+    from minildm.unet import SpatialTransformer, position_embedding_2d
+
+    block = SpatialTransformer(32, heads=2, head_dim=16, context_dim=8, position_embedding=True)
+    first = block.positions(6, 6, 32, "cpu")
+    assert torch.equal(first, position_embedding_2d(6, 6, 32))
+    assert block.positions(6, 6, 32, "cpu") is first, "the same size must reuse the table"
+    other = block.positions(4, 8, 32, "cpu")
+    assert other.shape == (32, 32) and torch.equal(other, position_embedding_2d(4, 8, 32))
+    assert "_positions" not in dict(block.named_buffers()) and not any("position" in k for k in block.state_dict())
