@@ -37,6 +37,7 @@ class DiffusionConfig:
     prediction: str = "eps"  # "eps", "x0" or "v"
     weighting: str | None = None  # None (LDM eq. 1) or "min_snr"
     caption_drop: float = 0.1  # probability of training on the empty caption (for classifier-free guidance)
+    concat: str | None = None  # an image-shaped condition read by concatenation (stage 10): see applications.conditioned
 
     def __post_init__(self):
         if self.space not in ("latent", "pixel"):

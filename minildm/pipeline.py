@@ -7,6 +7,7 @@ stage for the `Trainer` (train.py): `param_groups`, `losses`, `ema_module`, `kin
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -165,7 +166,10 @@ class DiffusionTask(nn.Module):
         captions = drop_captions(batch["caption"], self.diffusion_cfg.caption_drop, self.drop_generator)
         ids = self.denoiser.tokenize(captions)
         cfg = self.diffusion_cfg
-        loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, ids)
+        model = self.denoiser  # with an image-shaped condition (stage 10): the same model, the condition bound
+        if "concat" in batch:
+            model = functools.partial(self.denoiser, concat=batch["concat"])
+        loss, logs = diffusion_loss(model, x0, self.schedule, cfg.prediction, cfg.weighting, ids)
         return {"denoiser": loss}, {"loss": logs["loss"], "mse": logs["mse"]}
 
     def ema_module(self) -> nn.Module:
@@ -177,10 +181,12 @@ class DiffusionTask(nn.Module):
 
 
 def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime,
-                       autoencoder: Autoencoder | None = None):
-    """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...]} from the Shapes data set.
-    With an autoencoder the images are encoded on the fly (frozen, no gradients): that is latent diffusion."""
-    images = shapes_batch_at(data_cfg, batch_size, runtime.device)
+                       autoencoder: Autoencoder | None = None, condition=None, images=None):
+    """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...]} from the Shapes data set (or from
+    `images`, another feeder of {"image", "caption"} batches). With an autoencoder the images are encoded on the fly
+    (frozen, no gradients): that is latent diffusion. With `condition(step, batch, x) -> (B, C_c, h, w)` the batch
+    also holds "concat", the image-shaped condition of stage 10 (`minildm.applications.conditioned`)."""
+    images = images or shapes_batch_at(data_cfg, batch_size, runtime.device)
 
     def batch_at(step: int) -> dict:
         batch = images(step)
@@ -188,7 +194,11 @@ def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime
         if autoencoder is not None:
             with torch.no_grad(), runtime.autocast():
                 x = autoencoder.encode_latents(x).float()
-        return {"x": x, "caption": batch["caption"]}
+        out = {"x": x, "caption": batch["caption"]}
+        if condition is not None:
+            with torch.no_grad():
+                out["concat"] = condition(step, batch, x)
+        return out
 
     return batch_at
 
@@ -236,15 +246,21 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
 
 
 def train_diffusion(recipe: DiffusionRecipe, runtime: Runtime, ckpt_path: str | Path, autoencoder: Autoencoder | None = None,
-                    progress: bool = True):
+                    progress: bool = True, batch_at=None, init_from: Denoiser | None = None):
     """Train (or resume, or load when finished) a text-conditioned denoiser; returns (EMA denoiser, schedule,
-    history). Latent space needs the trained `autoencoder`; pixel space takes None."""
+    history). Latent space needs the trained `autoencoder`; pixel space takes None.
+    `batch_at`: another batch feeder (default `diffusion_batch_fn` on the recipe's Shapes data), e.g. one with an
+    image-shaped condition (stage 10). `init_from`: a trained denoiser whose weights this one starts from when no
+    checkpoint exists yet (`Denoiser.load_widened`: extra input channels start at zero)."""
     if (recipe.diffusion.space == "latent") != (autoencoder is not None):
         raise ValueError(f"space={recipe.diffusion.space!r} needs "
                          f"{'a trained autoencoder' if recipe.diffusion.space == 'latent' else 'autoencoder=None'}")
     task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
+    if init_from is not None and not Path(ckpt_path).exists():
+        task.denoiser.load_widened(init_from)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder), progress=progress)
+    trainer.fit(batch_at or diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder),
+                progress=progress)
     if trainer.ema is not None:
         trainer.ema.copy_to(task.denoiser)
     return task.denoiser.eval(), task.schedule, trainer.history

@@ -275,3 +275,58 @@ def img2img(model, x0: torch.Tensor, schedule: NoiseSchedule, strength: float, s
     return sample(guided(model, guidance_scale, uncond_context), x0.shape, schedule, sampler=sampler,
                   steps=timesteps, context=context, prediction=prediction, generator=generator, device=x0.device,
                   eta=eta, clip_x0=clip_x0, x_start=x_start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images through a text-to-image latent diffusion model (a `Denoiser` and its autoencoder)
+# ---------------------------------------------------------------------------------------------
+
+
+def _latent_setup(denoiser, schedule, images, captions, runtime, autoencoder, guidance_scale, seed):
+    """Shared by the two functions below: checks, latents of the images, the model call, token ids, generator."""
+    denoiser.eval()
+    schedule.to(runtime.device)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be an RGB batch (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    B = images.shape[0]
+    captions = check_prompts(denoiser.tokenizer, captions, B)
+    check_guidance(guidance_scale)
+    with runtime.autocast():
+        z = autoencoder.encode_latents(images.to(runtime.device)).float()  # (B, C, h, w)
+
+    def model(x, t, ids):
+        with runtime.autocast():
+            return denoiser(x, t, ids).float()
+
+    ids, uncond = denoiser.tokenize(captions), denoiser.tokenize([""] * B)
+    return z, model, {"context": ids, "uncond_context": uncond, "guidance_scale": guidance_scale,
+                      "generator": torch.Generator(device=runtime.device).manual_seed(seed)}
+
+
+def _decode(autoencoder, z, runtime):
+    with runtime.autocast():
+        return autoencoder.decode_latents(z).float().clamp(-1, 1)
+
+
+@torch.no_grad()
+def inpaint_images(denoiser, schedule, images: torch.Tensor, mask: torch.Tensor, captions, runtime, autoencoder,
+                   guidance_scale: float = 3.0, seed: int = 0, **kwargs) -> torch.Tensor:
+    """Inpainting with a text-to-image latent model: the pixel mask (B, H, W) or (B, 1, H, W) (1 = regenerate) is
+    moved to the latent grid (`latent_mask`), `inpaint` runs on the latents of `images` (B, 3, H, W), and after
+    decoding the pixels outside the hole are pasted from `images`. kwargs: those of `inpaint` (sampler, steps,
+    resample, jump, ...). Returns (B, 3, H, W) in [-1, 1]."""
+    z, model, args = _latent_setup(denoiser, schedule, images, captions, runtime, autoencoder, guidance_scale, seed)
+    images = images.to(runtime.device)
+    pixel_mask = check_mask(mask, images)
+    z = inpaint(model, z, latent_mask(pixel_mask, z.shape[-1]), schedule, **args, **kwargs)
+    return pixel_mask * _decode(autoencoder, z, runtime) + (1 - pixel_mask) * images
+
+
+@torch.no_grad()
+def img2img_images(denoiser, schedule, images: torch.Tensor, captions, strength: float, runtime, autoencoder,
+                   guidance_scale: float = 3.0, seed: int = 0, **kwargs) -> torch.Tensor:
+    """SDEdit with a text-to-image latent model: `img2img` on the latents of `images` (B, 3, H, W) under new
+    `captions`, decoded. strength 0 returns the images' reconstructions. kwargs: those of `img2img`."""
+    check_strength(strength)
+    z, model, args = _latent_setup(denoiser, schedule, images, captions, runtime, autoencoder, guidance_scale, seed)
+    return _decode(autoencoder, img2img(model, z, schedule, strength, **args, **kwargs), runtime)
