@@ -8,13 +8,24 @@ import pytest
 import torch
 
 from minildm.applications import (
+    cell_masks,
     check_mask,
     check_prompts,
+    concat_recipe,
+    condition_channels,
     img2img,
     inpaint,
+    inpainting_accuracy,
     latent_mask,
+    layout_accuracy,
+    layout_condition,
+    layout_to_image,
+    low_resolution,
+    make_condition,
     repaint_path,
     sdedit_timesteps,
+    super_resolve,
+    train_concat,
 )
 from minildm.samplers import SAMPLERS, sample
 from minildm.schedules import NoiseSchedule
@@ -216,3 +227,206 @@ def test_prompts_with_unknown_words_are_an_error_and_empty_ones_a_warning():
         check_prompts(tok, ["a red circle", "  "])
     with pytest.raises(ValueError, match="got 1 prompts for 2 images"):
         check_prompts(tok, ["a red circle"], batch=2)
+
+
+# ---- conditioning by concatenation --------------------------------------------------------------
+
+
+def tiny_task(kind=None, latent_channels=4):
+    """A DiffusionTask of a tiny denoiser, with `kind`'s extra input channels (None: plain text-to-image)."""
+    from dataclasses import replace
+
+    from minildm.config import diffusion_recipe
+    from minildm.pipeline import DiffusionTask
+
+    recipe = diffusion_recipe("latent", fast=True, latent_shape=(latent_channels, 8, 8))
+    unet = replace(recipe.unet, base_channels=16, heads=2)
+    if kind is not None:
+        unet = replace(unet, in_channels=latent_channels + condition_channels(kind, latent_channels),
+                       out_channels=latent_channels)
+    return DiffusionTask(unet, recipe.text, replace(recipe.diffusion, concat=kind))
+
+
+def shapes_batch(n=3, size=32):
+    from minildm.data.shapes import ShapesConfig, ShapesDataset
+
+    return ShapesDataset(ShapesConfig(image_size=size, seed=5)).batch(range(n))
+
+
+@pytest.mark.parametrize(("kind", "channels"), [("inpainting", 5), ("super_resolution", 3), ("layout", 7)])
+def test_each_condition_has_its_channels_on_the_latent_grid(kind, channels):
+    batch, z = shapes_batch(), torch.randn(3, 4, 8, 8, generator=gen(7))
+    cond = make_condition(kind)(0, batch, z)
+    assert condition_channels(kind) == channels and cond.shape == (3, channels, 8, 8)
+    if kind == "inpainting":  # [m, (1 - m) z]: the latent blanked in the hole, the same training holes on a resume
+        m = cond[:, :1]
+        assert set(m.unique().tolist()) == {0.0, 1.0} and torch.equal(cond[:, 1:], (1 - m) * z)
+        assert torch.equal(make_condition(kind)(0, batch, z), cond) and not torch.equal(make_condition(kind)(1, batch, z), cond)
+    if kind == "super_resolution":  # 4x4 block means of the 32 px images
+        torch.testing.assert_close(cond[0, :, 1, 2], batch["image"][0, :, 4:8, 8:12].mean((1, 2)))
+    if kind == "layout":  # fractions of each cell covered by background and each shape
+        torch.testing.assert_close(cond.sum(1), torch.ones(3, 8, 8))
+        assert torch.equal(cond.argmax(1) > 0, layout_condition(batch["mask"], 8).argmax(1) > 0)
+
+
+def test_the_denoiser_reads_its_condition_as_extra_input_channels():
+    denoiser = tiny_task("inpainting").denoiser
+    x, t, ids = torch.randn(2, 4, 8, 8), torch.tensor([3, 50]), denoiser.tokenize(["a red circle", ""])
+    assert denoiser.concat_channels == 5 and denoiser(x, t, ids, concat=torch.randn(2, 5, 8, 8)).shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"reads 5 extra input channels by concatenation.*\(2, 5, 8, 8\), got none"):
+        denoiser(x, t, ids)
+    with pytest.raises(ValueError, match=r"pass concat of shape \(2, 5, 8, 8\), got \(2, 3, 8, 8\)"):
+        denoiser(x, t, ids, concat=torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"reads 0 extra input channels"):
+        tiny_task().denoiser(x, t, ids, concat=torch.randn(2, 5, 8, 8))
+
+
+def test_a_widened_denoiser_starts_as_the_text_to_image_model():
+    base = perturbed(tiny_task().denoiser)
+    widened = tiny_task("layout").denoiser
+    widened.load_widened(base)
+    x, t, ids = torch.randn(2, 4, 8, 8), torch.tensor([3, 50]), base.tokenize(["a red circle", "a blue ring"])
+    expected = base(x, t, ids)
+    assert expected.abs().mean() > 0.01
+    torch.testing.assert_close(widened(x, t, ids, concat=torch.rand(2, 7, 8, 8)), expected)
+    with pytest.raises(ValueError, match="cannot widen conv_in"):
+        tiny_task(latent_channels=3).denoiser.load_widened(widened)
+
+
+def perturbed(denoiser):
+    """A stand-in for a trained model: every weight moved at random (a fresh UNet's zero-initialised output layer
+    would make its output, and every gradient below it, exactly zero)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return denoiser
+
+
+def test_training_with_a_concatenated_condition_reaches_the_new_channels():
+    """The loss of a batch with "concat" goes through the condition: after widening a trained model, the new input
+    channels have zero weights but a gradient, so they learn to read the condition."""
+    task = tiny_task("super_resolution")
+    task.denoiser.load_widened(perturbed(tiny_task().denoiser))
+    batch = {"x": torch.randn(4, 4, 8, 8), "caption": ["a red circle"] * 4, "concat": torch.randn(4, 3, 8, 8)}
+    losses, logs = task.losses(batch, 0)
+    losses["denoiser"].backward()
+    weight = task.denoiser.unet.conv_in.weight  # (base, 4 + 3, 3, 3)
+    assert torch.isfinite(logs["loss"]) and (weight[:, 4:] == 0).all() and weight.grad[:, 4:].abs().sum() > 0
+
+
+def test_train_concat_resumes_from_its_checkpoint(tmp_path):
+    """Two training steps through `train_concat` (the Trainer, a batch feeder with the condition), then a second call
+    loads the finished checkpoint instead of training again (same weights)."""
+    from dataclasses import replace
+
+    from minildm.autoencoder import Autoencoder, AutoencoderConfig
+    from minildm.config import diffusion_recipe
+    from minildm.data.shapes import ShapesConfig
+    from minildm.device import Runtime
+    from minildm.train import TrainConfig
+
+    rt = Runtime(torch.device("cpu"), torch.float32, fast=True)
+    ae = Autoencoder(AutoencoderConfig(image_size=16, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1)).eval()
+    recipe = concat_recipe("layout", ae.cfg.latent_shape, fast=True)
+    recipe.unet = replace(recipe.unet, base_channels=16, heads=2)
+    recipe.train, recipe.data = TrainConfig(steps=2, batch_size=2, log_every=1, ckpt_every=2), ShapesConfig(16)
+    assert recipe.unet.in_channels == 11 and recipe.unet.out_channels == 4 and recipe.diffusion.concat == "layout"
+    assert diffusion_recipe("latent", fast=True).diffusion.concat is None
+    base = tiny_task().denoiser
+    d1, _, history = train_concat("layout", rt, tmp_path / "layout.pt", ae, init_from=base, recipe=recipe,
+                                  progress=False)
+    d2, _, _ = train_concat("layout", rt, tmp_path / "layout.pt", ae, recipe=recipe, progress=False)
+    assert history[-1]["step"] == 2
+    for (k, v1), v2 in zip(d1.state_dict().items(), d2.state_dict().values()):
+        assert torch.equal(v1, v2), k
+
+
+def test_super_resolution_and_layout_refuse_inputs_of_the_wrong_size():
+    from minildm.autoencoder import Autoencoder, AutoencoderConfig
+    from minildm.device import Runtime
+
+    rt = Runtime(torch.device("cpu"), torch.float32, fast=True)
+    ae = Autoencoder(AutoencoderConfig(image_size=32, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1))
+    denoiser, schedule = tiny_task("super_resolution").denoiser, NoiseSchedule.from_name("linear", 100)
+    for low in (torch.zeros(2, 3, 16, 16), torch.zeros(2, 1, 8, 8), torch.zeros(3, 8, 8)):
+        with pytest.raises(ValueError, match=r"takes low-resolution images \(B, 3, 8, 8\)"):
+            super_resolve(denoiser, schedule, low, rt, ae)
+    with pytest.raises(ValueError, match=r"a layout must be a Shapes mask \(B, 32, 32\)"):
+        layout_to_image(denoiser, schedule, torch.zeros(2, 16, 16, dtype=torch.long), rt, ae)
+    with pytest.raises(ValueError, match=r"layout class ids must lie in 0..6"):
+        layout_condition(torch.full((1, 32, 32), 9), 8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        low_resolution(torch.zeros(1, 3, 30, 30), 4)
+    with pytest.raises(ValueError, match="unknown concatenated condition 'depth'"):
+        concat_recipe("depth", fast=True)
+    # the same prompt and guidance checks as the editing functions
+    low = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="never saw in training"):
+        super_resolve(denoiser, schedule, low, rt, ae, captions=["a red dragon", "a circle"])
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 1"):
+        super_resolve(denoiser, schedule, low, rt, ae, guidance_scale=0.5)
+
+
+# ---- scores -------------------------------------------------------------------------------------
+
+
+def test_scores_are_perfect_for_a_perfect_reading_and_split_by_the_hole():
+    from minildm.judge import cell_labels
+
+    batch = shapes_batch(6, 48)
+    attrs = batch["attributes"]
+    perfect = cell_labels(attrs)
+    assert layout_accuracy(perfect, attrs)["objects"] == 1.0 and layout_accuracy(perfect, attrs)["cells"] == 1.0
+    empty = torch.full_like(perfect, -1)
+    assert layout_accuracy(empty, attrs)["objects"] == 0.0
+    colour_off = perfect.clone()
+    colour_off[..., 1] = (colour_off[..., 1] + 1) % 6  # a layout says nothing about colour
+    assert layout_accuracy(colour_off, attrs)["objects"] == 1.0
+    # inside / outside: wipe the first object's cell from the reading: inside 0, outside untouched
+    wiped = perfect.clone()
+    wiped[torch.arange(6), attrs[:, 0, 3]] = -1
+    scores = inpainting_accuracy(wiped, attrs)
+    assert scores["inside"] == 0.0 and scores["outside"] in (1.0, math.nan) and scores["inside_objects"] == 6
+    # the hole of the first object is its grid cell: 16 x 16 px at 48 px
+    masks = cell_masks(attrs, 48)
+    assert masks.shape == (6, 48, 48) and (masks.sum((1, 2)) == 256).all()
+    row, col = divmod(int(attrs[0, 0, 3]), 3)
+    assert masks[0, 16 * row + 8, 16 * col + 8] == 1
+
+
+def test_image_level_editing_pastes_the_kept_pixels_and_checks_its_inputs():
+    """inpaint_images / img2img_images / inpaint_with_model on a tiny untrained pipeline: shapes, the pixels outside
+    the hole exactly the original ones, and the bad inputs the issue lists."""
+    from minildm.applications import img2img_images, inpaint_images, inpaint_with_model
+    from minildm.autoencoder import Autoencoder, AutoencoderConfig
+    from minildm.device import Runtime
+
+    rt = Runtime(torch.device("cpu"), torch.float32, fast=True)
+    ae = Autoencoder(AutoencoderConfig(image_size=32, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1)).eval()
+    schedule = NoiseSchedule.from_name("scaled_linear", 100)
+    batch = shapes_batch(2, 32)
+    images, hole = batch["image"], cell_masks(batch["attributes"], 32)
+    for denoiser, edit in ((tiny_task().denoiser, inpaint_images), (tiny_task("inpainting").denoiser, None)):
+        if edit is None:
+            out = inpaint_with_model(denoiser, schedule, images, hole, rt, ae, captions=batch["caption"], steps=3)
+        else:
+            out = edit(denoiser, schedule, images, hole, batch["caption"], rt, ae, sampler="ddim", steps=3)
+        assert out.shape == images.shape
+        keep = (hole == 0)[:, None].expand_as(images)
+        assert torch.equal(out[keep], images[keep]) and not torch.equal(out[~keep], images[~keep])
+    denoiser = tiny_task().denoiser
+    out = img2img_images(denoiser, schedule, images, ["a big red circle at the center"] * 2, 0.5, rt, ae, steps=4)
+    assert out.shape == images.shape and out.abs().max() <= 1
+    with pytest.raises(ValueError, match="strength must be a number in"):
+        img2img_images(denoiser, schedule, images, batch["caption"], 2.0, rt, ae)
+    with pytest.raises(ValueError, match=r"never saw in training: \['unicorn'\]"):
+        img2img_images(denoiser, schedule, images, ["a unicorn", "a red circle"], 0.5, rt, ae)
+    with pytest.raises(ValueError, match="mask has shape"):
+        inpaint_images(denoiser, schedule, images, hole[:, :16], batch["caption"], rt, ae)
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 1"):
+        inpaint_images(denoiser, schedule, images, hole, batch["caption"], rt, ae, guidance_scale=0.0)
+    with pytest.raises(ValueError, match="steps must be an int from 1 to T=100"):
+        inpaint_images(denoiser, schedule, images, hole, batch["caption"], rt, ae, steps=1000)
+    with pytest.warns(UserWarning, match="prompt 0 is empty"):
+        img2img_images(denoiser, schedule, images, ["", "a red circle"], 0.3, rt, ae, steps=2)
