@@ -87,15 +87,16 @@ def evaluate_reconstruction(autoencoder: Autoencoder, data_cfg: ShapesConfig, ru
 
 
 def train_autoencoder(recipe: AutoencoderRecipe, runtime: Runtime, ckpt_path: str | Path,
-                      progress: bool = True) -> tuple[Autoencoder, list[dict]]:
+                      progress: bool = True, batch_at=None) -> tuple[Autoencoder, list[dict]]:
     """Train (or resume, or just load when finished) an autoencoder; returns the EMA model with its
-    latent scale factor set, and the training history."""
+    latent scale factor set, and the training history. `batch_at`: another feeder of {"image": (B, 3, H, W)}
+    batches on the runtime's device than the recipe's Shapes (e.g. a real data set, stage 10)."""
     task = AutoencoderTask(recipe.model, recipe.loss)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
+    trainer.fit(batch_at or shapes_batch_at(recipe.data, recipe.train.batch_size, runtime.device), progress=progress)
     autoencoder = task.autoencoder
     if "scale_factor" not in trainer.extra:  # computed once after training, for the EMA weights
-        batch_at = shapes_batch_at(recipe.data, 64, runtime.device)
+        batch_at = batch_at or shapes_batch_at(recipe.data, 64, runtime.device)
         batches = (batch_at(i)["image"] for i in range(8))
         autoencoder.eval()
         with trainer.ema.applied(autoencoder) if trainer.ema else contextlib.nullcontext(), runtime.autocast():

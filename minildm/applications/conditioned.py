@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from minildm.applications.editing import check_guidance, check_mask, check_prompts, latent_mask
 from minildm.config import DiffusionRecipe, diffusion_recipe
+from minildm.data.datasets import dataset_batch_at
 from minildm.data.shapes import SHAPES
 from minildm.pipeline import diffusion_batch_fn, train_diffusion
 from minildm.samplers import sample
@@ -118,15 +119,19 @@ def make_condition(kind: str):
 def concat_recipe(kind: str, latent_shape: tuple[int, int, int] | None = None, fast: bool | None = None,
                   seconds: float = 60.0) -> DiffusionRecipe:
     """The text-to-image latent recipe (`diffusion_recipe("latent")`) with C_c more input channels. Full mode trains
-    for `seconds` (60: each model fine-tunes the text-to-image model, so notebook 10's three models and their samples
-    fit in 5 minutes on one GPU); fast mode its 30 steps. Layout drops the caption half of the time, so that the
-    layout alone is a condition the model knows."""
+    for `seconds` (each model fine-tunes the text-to-image model; notebook 10 gives each 45 s), fast mode 10 steps.
+    Captions: super-resolution never sees them (the low-resolution image alone, as LDM Sec. 4.4; real data sets have
+    none), layout drops them half of the time (the layout alone is a condition it knows), inpainting 10% (for
+    classifier-free guidance, as text-to-image)."""
     recipe = diffusion_recipe("latent", fast=fast, latent_shape=latent_shape)
     c = recipe.unet.in_channels
     recipe.unet = replace(recipe.unet, in_channels=c + condition_channels(kind, c), out_channels=c)
-    recipe.diffusion = replace(recipe.diffusion, concat=kind, caption_drop=0.5 if kind == "layout" else 0.1)
+    drop = {"inpainting": 0.1, "super_resolution": 1.0, "layout": 0.5}[kind]
+    recipe.diffusion = replace(recipe.diffusion, concat=kind, caption_drop=drop)
     if recipe.train.max_seconds is not None:
         recipe.train = replace(recipe.train, max_seconds=seconds)
+    else:  # fast mode: a third of text-to-image's steps (notebook 10 trains four of these models in CI)
+        recipe.train = replace(recipe.train, steps=10, ckpt_every=10)
     return recipe
 
 
@@ -140,6 +145,19 @@ def train_concat(kind: str, runtime, ckpt_path, autoencoder, init_from=None, rec
                                   condition=make_condition(kind), images=images)
     return train_diffusion(recipe, runtime, ckpt_path, autoencoder, progress=progress, batch_at=batch_at,
                            init_from=init_from)
+
+
+def captionless_batches(dataset, batch_size: int, device, seed: int = 0):
+    """batch_at(step) -> {"image": (B, C, H, W) on `device`, "caption": [""] * B} from a map-style data set of
+    {"image", ...} items (e.g. `load_dataset("imagefolder", ...)`): real data without captions, every caption empty,
+    for `train_concat(..., images=...)` and `train_autoencoder(..., batch_at=...)`."""
+    batches = dataset_batch_at(dataset, batch_size, seed)
+
+    def batch_at(step: int) -> dict:
+        images = batches(step)["image"].to(device)
+        return {"image": images, "caption": [""] * len(images)}
+
+    return batch_at
 
 
 # ---------------------------------------------------------------------------------------------
