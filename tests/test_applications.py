@@ -430,3 +430,16 @@ def test_image_level_editing_pastes_the_kept_pixels_and_checks_its_inputs():
         inpaint_images(denoiser, schedule, images, hole, batch["caption"], rt, ae, steps=1000)
     with pytest.warns(UserWarning, match="prompt 0 is empty"):
         img2img_images(denoiser, schedule, images, ["", "a red circle"], 0.3, rt, ae, steps=2)
+
+
+def test_sample_starts_from_x_start_when_given(sched):
+    """`sample(..., x_start=x)` continues from x at the first timestep (what SDEdit needs); a misshapen x is an error."""
+    x = torch.randn(3, 2, generator=gen(8))
+    zero_model = constant_oracle(sched, c=0.0)
+    out = sample(zero_model, (3, 2), sched, sampler="ddim", steps=[0], x_start=x)  # one step from t = 0
+    torch.testing.assert_close(out, torch.zeros(3, 2))  # the model's x0 guess, whatever x was
+    a = sched.alpha_bar[10].sqrt().item()
+    out = sample(lambda x_t, t, c=None: torch.zeros_like(x_t), (3, 2), sched, sampler="ddim", steps=[10], x_start=x)
+    torch.testing.assert_close(out, x / a)  # eps = 0: x0_hat = x_t / sqrt(alpha_bar_10), so x_start was used
+    with pytest.raises(ValueError, match=r"x_start has shape \(2, 2\) but the samples are \(3, 2\)"):
+        sample(zero_model, (3, 2), sched, sampler="ddim", steps=5, x_start=torch.zeros(2, 2))
