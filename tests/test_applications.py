@@ -443,3 +443,22 @@ def test_sample_starts_from_x_start_when_given(sched):
     torch.testing.assert_close(out, x / a)  # eps = 0: x0_hat = x_t / sqrt(alpha_bar_10), so x_start was used
     with pytest.raises(ValueError, match=r"x_start has shape \(2, 2\) but the samples are \(3, 2\)"):
         sample(zero_model, (3, 2), sched, sampler="ddim", steps=5, x_start=torch.zeros(2, 2))
+
+
+def test_cifar10_photos_feed_super_resolution_without_captions():
+    """The CIFAR-10 test split of ../shared/data (skipped without it): batches with empty captions, 8 px inputs, and
+    bicubic upsampling as the baseline a super-resolution model must beat (about 22 dB on these photos)."""
+    from test_datasets import DATA
+
+    from minildm.applications import bicubic_upsample, captionless_batches
+    from minildm.data.datasets import load_dataset
+    from minildm.metrics import psnr
+
+    if DATA is None or not (DATA / "cifar10-test").is_dir():
+        pytest.skip("no CIFAR-10 test split: expected ../shared/data/cifar10-test or $MINILDM_DATA/cifar10-test")
+    photos = load_dataset("imagefolder", DATA / "cifar10-test", image_size=32)
+    batch = captionless_batches(photos, 16, "cpu")(0)
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["caption"] == [""] * 16
+    small = low_resolution(batch["image"], 4)
+    assert small.shape == (16, 3, 8, 8)
+    assert 15 < psnr(batch["image"], bicubic_upsample(small, 32)).mean() < 35
