@@ -88,7 +88,7 @@ def test_inpainting_keeps_the_known_region_and_fills_the_hole(sched, sampler):
 def test_inpainting_samples_close_to_the_exact_conditional_and_repaint_closes_the_gap(sched):
     """Known x1 = 2 of a correlated Gaussian (rho = 0.9): the hole x2 should follow N(mu2 + rho s2/s1 (x1 - mu1),
     s2^2 (1 - rho^2)) = N(-0.55, 0.218^2). Replacement is known to be biased (the known part is noised without
-    regard to the hole); RePaint's resampling must cut that bias by more than half (measured 0.061 -> 0.017)."""
+    regard to the hole); RePaint's resampling must cut that bias by more than half (measured 0.062 -> 0.017 at 50 steps)."""
     x0 = torch.stack([torch.full((N,), 2.0), torch.zeros(N)], dim=1)
     mask = torch.tensor([0.0, 1.0]).expand(N, 2)
     mean, std = MU[1] + RHO * S2 / S1 * (2.0 - MU[0]), S2 * math.sqrt(1 - RHO**2)
