@@ -22,6 +22,7 @@ from minildm.applications import (
     layout_to_image,
     low_resolution,
     make_condition,
+    random_box_masks,
     repaint_path,
     sdedit_timesteps,
     super_resolve,
@@ -253,15 +254,28 @@ def shapes_batch(n=3, size=32):
     return ShapesDataset(ShapesConfig(image_size=size, seed=5)).batch(range(n))
 
 
+def tiny_autoencoder(size=32):
+    from minildm.autoencoder import Autoencoder, AutoencoderConfig
+
+    torch.manual_seed(0)
+    return Autoencoder(AutoencoderConfig(image_size=size, base_channels=8, channel_mult=(1, 2, 2),
+                                         num_res_blocks=1)).eval()
+
+
 @pytest.mark.parametrize(("kind", "channels"), [("inpainting", 5), ("super_resolution", 3), ("layout", 7)])
 def test_each_condition_has_its_channels_on_the_latent_grid(kind, channels):
-    batch, z = shapes_batch(), torch.randn(3, 4, 8, 8, generator=gen(7))
-    cond = make_condition(kind)(0, batch, z)
+    batch, z, ae = shapes_batch(), torch.randn(3, 4, 8, 8, generator=gen(7)), tiny_autoencoder()
+    cond = make_condition(kind, ae)(0, batch, z)
     assert condition_channels(kind) == channels and cond.shape == (3, channels, 8, 8)
-    if kind == "inpainting":  # [m, (1 - m) z]: the latent blanked in the hole, the same training holes on a resume
-        m = cond[:, :1]
-        assert set(m.unique().tolist()) == {0.0, 1.0} and torch.equal(cond[:, 1:], (1 - m) * z)
-        assert torch.equal(make_condition(kind)(0, batch, z), cond) and not torch.equal(make_condition(kind)(1, batch, z), cond)
+    if kind == "inpainting":  # [m, E(x (1 - m_x))] with the step's random holes; the same holes on a resume
+        holes = random_box_masks(3, 32, torch.Generator().manual_seed(0))  # (3, 1, 32, 32)
+        assert torch.equal(cond[:, :1], latent_mask(holes, 8)) and 0 < holes.mean() < 0.6
+        with torch.no_grad():
+            torch.testing.assert_close(cond[:, 1:], ae.encode_latents(batch["image"] * (1 - holes)))
+            assert not torch.allclose(cond[:, 1:], ae.encode_latents(batch["image"]))
+        assert not torch.equal(make_condition(kind, ae)(1, batch, z), cond)
+        with pytest.raises(ValueError, match="encodes the masked image"):
+            make_condition(kind)
     if kind == "super_resolution":  # 4x4 block means of the 32 px images
         torch.testing.assert_close(cond[0, :, 1, 2], batch["image"][0, :, 4:8, 8:12].mean((1, 2)))
     if kind == "layout":  # fractions of each cell covered by background and each shape

@@ -9,9 +9,9 @@ the UNet reads [z_t, c] with in_channels = C + C_c and still predicts C channels
 and trains with the loss of eq. (1) as before, c riding along in every batch (`Denoiser(..., concat=c)`). Three
 conditions on Shapes (`condition_channels`):
 
-  "inpainting"        [m, (1 - m) z]: the hole on the latent grid and the latent with the hole blanked, 1 + C channels.
-                      LDM encodes the masked image instead; blanking the latent gives the model the same information
-                      on the latent grid and saves an encoder pass per batch. Training holes: random boxes.
+  "inpainting"        [m, E(x * (1 - m_x))]: the hole on the latent grid (m, from the pixel hole m_x by
+                      `latent_mask`) and the latent of the image with the hole greyed out, 1 + C channels, as LDM
+                      (Sec. 4.5). Training holes: random boxes. It costs one more encoder pass per batch.
   "super_resolution"  the low-resolution image, 3 channels. With f = 4 an image 4 times smaller has the latent's size
                       (16 -> 64 px: a 3 x 16 x 16 image beside a 4 x 16 x 16 latent; 8 -> 32 px on CIFAR-10).
   "layout"            the semantic mask (background or one of 6 shapes per pixel), one-hot and averaged over each
@@ -24,6 +24,7 @@ input channels start at zero, so training begins from a model that already draws
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -63,10 +64,15 @@ def random_box_masks(n: int, size: int, generator: torch.Generator | None = None
     return (rows[:, :, None] & cols[:, None, :]).float()[:, None]
 
 
-def inpainting_condition(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[m, (1 - m) z]: (B, 1 + C, h, w) from latents z (B, C, h, w) and a hole m (B, 1, h, w) on their grid."""
-    mask = check_mask(mask, z)[:, :1]
-    return torch.cat([mask, (1 - mask) * z], dim=1)
+@torch.no_grad()
+def inpainting_condition(images: torch.Tensor, mask: torch.Tensor, autoencoder, runtime=None) -> torch.Tensor:
+    """[m, E(x * (1 - m_x))]: (B, 1 + C, h, w) from images x (B, 3, H, W) and their hole m_x ((B, H, W) or
+    (B, 1, H, W), 1 = regenerate): the hole on the latent grid and the latents of the images with the hole set to 0
+    (mid-grey). `runtime` only sets the autocast of the encoder pass."""
+    pixel_mask = check_mask(mask, images)  # (B, 1, H, W)
+    with runtime.autocast() if runtime is not None else contextlib.nullcontext():
+        z = autoencoder.encode_latents(images * (1 - pixel_mask)).float()  # (B, C, h, w)
+    return torch.cat([latent_mask(pixel_mask, z.shape[-2:]), z], dim=1)
 
 
 def low_resolution(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -94,18 +100,22 @@ def layout_condition(semantic_mask: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(one_hot, size)
 
 
-def make_condition(kind: str):
-    """condition(step, batch, z) -> (B, C_c, h, w) for `diffusion_batch_fn`; the training holes of "inpainting" are
-    drawn from a generator seeded by the step, so a resumed run sees the same ones."""
+def make_condition(kind: str, autoencoder=None, runtime=None):
+    """condition(step, batch, z) -> (B, C_c, h, w) for `diffusion_batch_fn`. "inpainting" needs the `autoencoder`
+    (it encodes the images with their hole); its training holes come from a generator seeded by the step, so a
+    resumed run sees the same ones."""
     condition_channels(kind)
+    if kind == "inpainting" and autoencoder is None:
+        raise ValueError("the inpainting condition encodes the masked image: pass make_condition('inpainting', "
+                         "autoencoder)")
 
     def condition(step: int, batch: dict, z: torch.Tensor) -> torch.Tensor:
-        h = z.shape[-1]
+        h, images = z.shape[-1], batch["image"]
         if kind == "inpainting":
-            masks = random_box_masks(len(z), h, torch.Generator().manual_seed(step))
-            return inpainting_condition(z, masks.to(z.device))
+            masks = random_box_masks(len(z), images.shape[-1], torch.Generator().manual_seed(step))
+            return inpainting_condition(images, masks.to(images.device), autoencoder, runtime)
         if kind == "super_resolution":
-            return low_resolution(batch["image"], batch["image"].shape[-1] // h)
+            return low_resolution(images, images.shape[-1] // h)
         return layout_condition(batch["mask"], h)
 
     return condition
@@ -142,7 +152,7 @@ def train_concat(kind: str, runtime, ckpt_path, autoencoder, init_from=None, rec
     {"image", "caption"} batches than the recipe's Shapes (e.g. CIFAR-10 with empty captions)."""
     recipe = recipe or concat_recipe(kind, autoencoder.cfg.latent_shape, runtime.fast)
     batch_at = diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder,
-                                  condition=make_condition(kind), images=images)
+                                  condition=make_condition(kind, autoencoder, runtime), images=images)
     return train_diffusion(recipe, runtime, ckpt_path, autoencoder, progress=progress, batch_at=batch_at,
                            init_from=init_from)
 
@@ -191,11 +201,6 @@ def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder
         return autoencoder.decode_latents(z).float().clamp(-1, 1)
 
 
-def _encode(autoencoder, images, runtime):
-    with torch.no_grad(), runtime.autocast():
-        return autoencoder.encode_latents(images.to(runtime.device)).float()
-
-
 def super_resolve(denoiser, schedule, low_res: torch.Tensor, runtime, autoencoder, **kwargs) -> torch.Tensor:
     """A super-resolution model's images (B, 3, H, W) for low-resolution images (B, 3, h, w), h x w the latent grid
     (e.g. 16 x 16 for 64 px with f = 4). kwargs: those of `sample_concat`."""
@@ -224,7 +229,6 @@ def inpaint_with_model(denoiser, schedule, images: torch.Tensor, mask: torch.Ten
     anew, the pixels outside it pasted from `images` (B, 3, H, W). kwargs: `sample_concat`'s."""
     images = images.to(runtime.device)
     pixel_mask = check_mask(mask, images)  # (B, 1, H, W)
-    z = _encode(autoencoder, images, runtime)
-    concat = inpainting_condition(z, latent_mask(pixel_mask, z.shape[-1]))
+    concat = inpainting_condition(images, pixel_mask, autoencoder, runtime)
     out = sample_concat(denoiser, schedule, concat, runtime, autoencoder, **kwargs)
     return pixel_mask * out + (1 - pixel_mask) * images
