@@ -17,8 +17,8 @@ conditions on Shapes (`condition_channels`):
   "layout"            the semantic mask (background or one of 6 shapes per pixel), one-hot and averaged over each
                       latent cell, 7 channels. It fixes where each object is, its shape and size, not its colour.
 
-Each model keeps the caption input (captions dropped with the recipe's probability, so classifier-free guidance on the
-caption still works) and starts from the text-to-image model when one is given (`Denoiser.load_widened`: the new
+Each model keeps the caption input (dropped during training 10% of the time for inpainting, so that classifier-free
+guidance works as in text-to-image, half the time for layout, always for super-resolution) and starts from the text-to-image model when one is given (`Denoiser.load_widened`: the new
 input channels start at zero, so training begins from a model that already draws Shapes).
 """
 
