@@ -47,7 +47,40 @@ class Denoiser(nn.Module):
         resumes from an old checkpoint; `load_state_dict` converts by itself)."""
         return self.unet.upgrade_state_dict(dict(state), prefix="unet.")
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def load_widened(self, other: Denoiser) -> None:
+        """Start from the weights of `other`, a denoiser of the same architecture with fewer input channels (e.g. the
+        text-to-image model): the weights of the extra input channels of conv_in start at zero, so this denoiser at
+        first ignores its condition and predicts exactly what `other` does (Stable Diffusion's inpainting model was
+        initialised from its text-to-image model this way). Anything else that differs is an error."""
+        state, key = dict(other.state_dict()), "unet.conv_in.weight"
+        mine = self.state_dict()[key]  # (base, C + C_c, 3, 3)
+        theirs = state[key].to(mine.device, mine.dtype)  # (base, C, 3, 3)
+        if theirs.shape[0] != mine.shape[0] or theirs.shape[1] > mine.shape[1] or theirs.shape[2:] != mine.shape[2:]:
+            raise ValueError(f"cannot widen conv_in {tuple(theirs.shape)} to {tuple(mine.shape)}: the two denoisers "
+                             "must share their architecture except for extra input channels")
+        state[key] = torch.cat([theirs, theirs.new_zeros(mine.shape[0], mine.shape[1] - theirs.shape[1], *mine.shape[2:])],
+                               dim=1)
+        self.load_state_dict(state)
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels of the extra input concatenated to x_t (0 for plain text-to-image): the UNet's in_channels beyond
+        its out_channels (stage 10, `minildm.applications.conditioned`)."""
+        return self.unet.cfg.in_channels - self.unet.cfg.out_channels
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
+                concat: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, C, h, w), t (B,), ids (B, L); concat (B, C_c, h, w): an image-shaped condition (a mask, a low-resolution
+        image, a layout) fed to the UNet as extra input channels, [x_t, concat] (LDM Sec. 3.3, "concatenation")."""
+        extra = self.concat_channels
+        if extra or concat is not None:
+            expected = (x_t.shape[0], extra, *x_t.shape[2:])
+            if concat is None or tuple(concat.shape) != expected:
+                got = "none" if concat is None else tuple(concat.shape)
+                raise ValueError(f"this denoiser reads {extra} extra input channels by concatenation (UNet in_channels="
+                                 f"{self.unet.cfg.in_channels}, out_channels={self.unet.cfg.out_channels}): pass concat "
+                                 f"of shape {expected}, got {got}")
+            x_t = torch.cat([x_t, concat.to(x_t.dtype)], dim=1)  # (B, C + C_c, h, w)
         context, mask = self.encode_text(ids)
         return self.unet(x_t, t, context, mask)
 

@@ -38,6 +38,7 @@ class DiffusionConfig:
     weighting: str | None = None  # None (LDM eq. 1) or "min_snr"
     caption_drop: float = 0.1  # probability of training on the empty caption / null class (for guidance)
     condition: str = "text"  # "text" (captions), "class" (class labels) or "none" (unconditional)
+    concat: str | None = None  # an image-shaped condition read by concatenation (stage 10): see applications.conditioned
 
     def __post_init__(self):
         if self.space not in ("latent", "pixel"):

@@ -7,6 +7,7 @@ stage for the `Trainer` (train.py): `param_groups`, `losses`, `ema_module`, `kin
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -202,7 +203,10 @@ class DiffusionTask(nn.Module):
         g = distributed.step_generator(step, x0.device)
         t = distributed.part_of(self.schedule.sample_timesteps(n, generator=g, device=x0.device))
         eps = distributed.part_of(torch.randn((n, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype))
-        loss, logs = diffusion_loss(self.denoiser, x0, self.schedule, cfg.prediction, cfg.weighting, ids, t=t, eps=eps)
+        model = self.denoiser  # with an image-shaped condition (stage 10): the same model, the condition bound
+        if "concat" in batch:
+            model = functools.partial(self.denoiser, concat=batch["concat"])
+        loss, logs = diffusion_loss(model, x0, self.schedule, cfg.prediction, cfg.weighting, ids, t=t, eps=eps)
         return {"denoiser": loss}, {"loss": logs["loss"], "mse": logs["mse"]}
 
     def ema_module(self) -> nn.Module:
@@ -218,10 +222,12 @@ class DiffusionTask(nn.Module):
 
 
 def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime,
-                       autoencoder: Autoencoder | None = None, images_at=None):
+                       autoencoder: Autoencoder | None = None, images_at=None, condition=None):
     """batch_at(step) -> {"x": pixels or scaled latents, "caption": [...] or "label": (B,)} from the Shapes data
-    set, or from `images_at(step)` -> {"image", "label"} (a real data set). With an autoencoder the images are
-    encoded on the fly (frozen, no gradients): that is latent diffusion."""
+    set, or from `images_at(step)` -> {"image", "caption" or "label"} (e.g. a real data set). With an autoencoder
+    the images are encoded on the fly (frozen, no gradients): that is latent diffusion. With
+    `condition(step, batch, x) -> (B, C_c, h, w)` the batch also holds "concat", the image-shaped condition of
+    stage 10 (`minildm.applications.conditioned`)."""
     images = images_at or shapes_batch_at(data_cfg, batch_size, runtime.device)
 
     def batch_at(step: int) -> dict:
@@ -230,7 +236,11 @@ def diffusion_batch_fn(data_cfg: ShapesConfig, batch_size: int, runtime: Runtime
         if autoencoder is not None:
             with torch.no_grad(), runtime.autocast():
                 x = autoencoder.encode_latents(x).float()
-        return {"x": x, **{k: batch[k] for k in ("caption", "label") if k in batch}}
+        out = {"x": x, **{k: batch[k] for k in ("caption", "label") if k in batch}}
+        if condition is not None:
+            with torch.no_grad():
+                out["concat"] = condition(step, batch, x)
+        return out
 
     return batch_at
 
@@ -278,16 +288,22 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
 
 
 def train_diffusion(recipe: DiffusionRecipe, runtime: Runtime, ckpt_path: str | Path, autoencoder: Autoencoder | None = None,
-                    progress: bool = True, images_at=None, classes: list[str] | None = None):
+                    progress: bool = True, images_at=None, classes: list[str] | None = None, batch_at=None,
+                    init_from: Denoiser | None = None):
     """Train (or resume, or load when finished) a denoiser; returns (EMA denoiser, schedule, history). Latent space
     needs the trained `autoencoder`; pixel space takes None. Text-conditioned on Shapes by default; on a real data
-    set pass `images_at(step)` -> {"image", "label"} and, with recipe.diffusion.condition "class", the class names."""
+    set pass `images_at(step)` -> {"image", "label"} and, with recipe.diffusion.condition "class", the class names.
+    `batch_at`: a whole batch feeder instead (e.g. one with an image-shaped condition, stage 10). `init_from`: a
+    trained denoiser whose weights this one starts from when no checkpoint exists yet (`Denoiser.load_widened`:
+    extra input channels start at zero)."""
     if (recipe.diffusion.space == "latent") != (autoencoder is not None):
         raise ValueError(f"space={recipe.diffusion.space!r} needs "
                          f"{'a trained autoencoder' if recipe.diffusion.space == 'latent' else 'autoencoder=None'}")
     task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion, classes=classes)
+    if init_from is not None and not Path(ckpt_path).exists():
+        task.denoiser.load_widened(init_from)
     trainer = Trainer(task, recipe.train, runtime, ckpt_path)
-    trainer.fit(diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder, images_at),
+    trainer.fit(batch_at or diffusion_batch_fn(recipe.data, recipe.train.batch_size, runtime, autoencoder, images_at),
                 progress=progress)
     if trainer.ema is not None:
         trainer.ema.copy_to(task.denoiser)

@@ -364,7 +364,7 @@ def _dpmpp_2m_loop(denoise: _Denoiser, x, timesteps: list[int], steps_iter):
 def sample(model, shape, schedule: NoiseSchedule, sampler: str = "ddpm", steps=None, context=None,
            prediction: str = "eps", generator: torch.Generator | None = None, device=None,
            guidance_scale: float = 1.0, uncond_context=None, eta: float = 0.0, return_trajectory: bool = False,
-           clip_x0: float | None = None, progress: bool = False, callback=None):
+           clip_x0: float | None = None, progress: bool = False, callback=None, x_start: torch.Tensor | None = None):
     """Draw samples of `shape` (B, ...) with any sampler of SAMPLERS; returns x, or (x, [Snapshot, ...]).
 
     sampler:  "ddpm", "ddim", "euler", "heun" or "dpmpp_2m" (see the module docstring).
@@ -382,7 +382,9 @@ def sample(model, shape, schedule: NoiseSchedule, sampler: str = "ddpm", steps=N
               (t = 0), whose x0_hat is the returned sample.
     callback: callback(step, t, x_t, x0_hat), called once per step (not for Heun's correction); the tensors are
               the live ones: clone what you keep.
-    x starts as torch.randn(shape, generator=generator, device=device) (device: the schedule's by default).
+    x starts as torch.randn(shape, generator=generator, device=device) (device: the schedule's by default), or as
+              `x_start` (shaped `shape`): a state already at timesteps[0], e.g. an image noised to that level by
+              q(x_t | x_0) (SDEdit, `minildm.applications.img2img`); then `steps` are usually explicit timesteps.
 
     Pure noise is the exact start only if alpha_bar_{T-1} = 0. The deterministic samplers (DDIM with eta = 0,
     Euler, Heun, DPM-Solver++) carry the start's error to the end: along a data direction of standard deviation s
@@ -407,13 +409,15 @@ def sample(model, shape, schedule: NoiseSchedule, sampler: str = "ddpm", steps=N
         _check_steps(steps, T)
         timesteps = uniform_timesteps(T, steps) if sampler in ("ddpm", "ddim") else karras_timesteps(schedule, steps)
     shape, device = _check_shape_and_device(shape, schedule, device)
-    if sampler == "ddpm" and timesteps == list(range(T - 1, -1, -1)):
+    if x_start is not None and tuple(x_start.shape) != shape:
+        raise ValueError(f"x_start has shape {tuple(x_start.shape)} but the samples are {shape}; they must match")
+    if sampler == "ddpm" and timesteps == list(range(T - 1, -1, -1)) and x_start is None:
         return ddpm_sample(model, shape, schedule, context, prediction, generator, device, return_trajectory,
                            clip_x0, progress, guidance_scale, uncond_context, callback=callback)
 
     denoise = _Denoiser(model, schedule, prediction, context, guidance_scale, uncond_context, clip_x0, callback,
                         return_trajectory, len(timesteps))
-    x = torch.randn(shape, generator=generator, device=device)
+    x = torch.randn(shape, generator=generator, device=device) if x_start is None else x_start.to(device)
     steps_iter = range(len(timesteps))
     if progress:
         from tqdm.auto import tqdm
