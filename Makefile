@@ -20,11 +20,21 @@ $(VENV)/.installed-test: pyproject.toml constraints-ci.txt | $(BIN)/python
 	$(PIP) install -q -c constraints-ci.txt -e ".[test]"
 	touch $@ $(VENV)/.installed-run
 
-.PHONY: run test lint
+# The grading sandbox (minildm/sandbox.py) runs each student's kernel in bubblewrap: installed where missing and
+# possible (root or passwordless sudo with apt-get); elsewhere `minildm grade` says it grades without isolation.
+APT = $(if $(filter 0,$(shell id -u)),,sudo -n) apt-get
+grading-sandbox:
+	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null \
+	  && { $(APT) install -y -qq bubblewrap >/dev/null 2>&1 \
+	       || { $(APT) update -qq && $(APT) install -y -qq bubblewrap >/dev/null; }; }; } \
+	  || echo "make: could not install bubblewrap; minildm grade will run student code without its sandbox" \
+	          "(install the bubblewrap package, see README 'Grading')"
+
+.PHONY: run test lint grading-sandbox
 run: $(VENV)/.installed-run
 	MINILDM_FAST=1 $(BIN)/minildm train --out runs/quickstart
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test grading-sandbox
 	PATH="$(abspath $(BIN)):$$PATH" MINILDM_FAST=1 $(BIN)/python -m pytest -q tests --nbval-lax notebooks solutions
 
 lint: $(VENV)/.installed-test
