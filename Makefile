@@ -30,7 +30,16 @@ grading-sandbox:
 	  || echo "make: could not install bubblewrap; minildm grade will run student code without its sandbox" \
 	          "(install the bubblewrap package, see README 'Grading')"
 
-.PHONY: run test lint grading-sandbox
+# A new student's first run in a fresh clone and venv, notebook 01 in JupyterLab in headless Chromium (a screenshot in
+# runs/first_run/), every notebook through the new kernel: minutes, so not part of `make test`.
+first-run: $(VENV)/.installed-test
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { command -v apt-get >/dev/null \
+	  && { $(APT) install -y -qq chromium >/dev/null 2>&1 \
+	       || { $(APT) update -qq && $(APT) install -y -qq chromium >/dev/null; }; }; } \
+	  || echo "make: could not install chromium; the first-run test will be skipped"
+	MINILDM_FIRST_RUN=1 $(BIN)/python -m pytest -q -s tests/test_first_run.py
+
+.PHONY: run test lint grading-sandbox first-run
 run: $(VENV)/.installed-run
 	MINILDM_FAST=1 $(BIN)/minildm train --out runs/quickstart
 
