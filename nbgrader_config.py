@@ -21,5 +21,12 @@ try:
         "minildm.grade.RestoreTestCells",
         "nbgrader.preprocessors.CheckCellMetadata",
     ]
+    # Feedback (nbgrader generate_feedback) shows the visible tests and the checkers' messages, never the hidden tests'
+    # code: HideHiddenTests removes it and cuts their tracebacks (which quote it) to the error's last line.
+    c.GenerateFeedback.preprocessors = [
+        "nbgrader.preprocessors.GetGrades",
+        "minildm.grade.HideHiddenTests",
+        "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
+    ]
 except ImportError:  # nbgrader runs where minildm is not installed: nbgrader's own OverwriteCells
     pass

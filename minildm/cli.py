@@ -468,7 +468,8 @@ def cmd_grade(args) -> int:
         raise ValueError(f"unknown assignment {args.assignment!r}; known: {', '.join(known)}")
     print(f"autograding {args.assignment} with nbgrader (a few seconds per notebook; a cell may run "
           f"{args.timeout} s) ...", flush=True)
-    report = grade(args.assignment, course, timeout=args.timeout, progress=lambda line: print(line, flush=True))
+    report = grade(args.assignment, course, timeout=args.timeout, progress=lambda line: print(line, flush=True),
+                   sandbox=args.sandbox)
     notes = report.notes()
     if notes:
         print("notes:\n" + "\n".join(f"  {note}" for note in notes))
@@ -567,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--course", default=".", help="the course folder with nbgrader_config.py (default: here)")
     p.add_argument("--timeout", type=int, default=120,
                    help="seconds a cell may run before nbgrader interrupts it (default: %(default)s)")
+    p.add_argument("--sandbox", choices=["auto", "bwrap", "none"], default="auto",
+                   help="run each student's kernel in a bubblewrap sandbox (own folder only, no course folder, no "
+                   "network): 'auto' where bwrap runs, else grade without isolation after a warning; 'bwrap' "
+                   "refuse to grade without it; 'none' skip it (default: %(default)s)")
     p.add_argument("--csv", default=None, metavar="PATH",
                    help="also write one row per student and task: points, status, the failed check's message")
     p.add_argument("--json", default=None, metavar="PATH",

@@ -155,6 +155,7 @@ class Report:
     students: list[StudentResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # grading itself failed (not a student's notebook)
     seconds: float = 0.0
+    isolation: str = ""  # how the kernels ran: in the bwrap sandbox, or why not
 
     @property
     def max_points(self) -> float:
@@ -219,6 +220,7 @@ class Report:
                              "points": s.points(), "max_points": self.max_points, "seconds": s.seconds,
                              "notes": s.notes, "notebooks": notebooks})
         return {"assignment": self.assignment, "timeout": self.timeout, "seconds": round(self.seconds, 1),
+                "isolation": self.isolation,
                 "max_points": self.max_points, "tasks": [asdict(t) for t in self.tasks],
                 "failures": self.failures, "students": students}
 
@@ -329,12 +331,50 @@ def _check_json(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------- grading
 
 
+SANDBOX_MODES = ("auto", "bwrap", "none")
+
+
+def _isolation(mode: str, course: Path, scratch: Path, env: dict[str, str]) -> tuple[str, str | None, str]:
+    """How the kernels will run: (the report's line, the kernel spec's name or None for nbgrader's own kernel, why
+    grading must stop or ''). With a sandbox, `env` gets the Jupyter paths of its kernel spec."""
+    if mode not in SANDBOX_MODES:
+        raise ValueError(f"sandbox={mode!r}: use one of {', '.join(SANDBOX_MODES)}")
+    if mode == "none":
+        return "none (--sandbox none): student code runs as you, with the course folder in reach", None, ""
+    from minildm import sandbox
+
+    why = sandbox.probe()
+    if not why:
+        try:
+            sandbox.kernelspec(scratch / "jupyter", scratch / "rt", [course])
+        except sandbox.SandboxError as e:
+            why = str(e)
+    if why and mode == "bwrap":
+        return f"none: {why}", None, f"--sandbox bwrap: the sandbox cannot run: {why}"
+    if why:
+        return (f"NOT ISOLATED: {why}. Student code runs as you, with solutions/, the gradebook and other students' "
+                "work in reach: read suspicious submissions (--sandbox bwrap refuses to grade instead)"), None, ""
+    (scratch / "rt").mkdir(exist_ok=True)
+    env["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(scratch / "jupyter"), env.get("JUPYTER_PATH")) if p)
+    env["JUPYTER_RUNTIME_DIR"] = str(scratch / "rt")
+    env["MINILDM_GRADE_IPC"] = str(scratch / "rt" / "k")  # the helper's kernels put their Unix sockets there
+    return ("bubblewrap: each kernel sees only a copy of its own notebook folder and the installed packages, "
+            "no course folder, no network"), sandbox.KERNEL_NAME, ""
+
+
 def grade(assignment: str, course: str | Path = ".", timeout: int = 120,
-          progress: Callable[[str], None] | None = None) -> Report:
+          progress: Callable[[str], None] | None = None, sandbox: str = "auto") -> Report:
     """Autograde every submission of `assignment` in the course folder and return the report.
 
+    sandbox: "auto" runs each kernel in the bubblewrap sandbox (minildm.sandbox) where it can run, else grades
+    without isolation and says so in `Report.isolation`; "bwrap" fails instead; "none" skips the sandbox.
     Never raises because of a student's notebook; `Report.failures` says when grading itself failed."""
-    course = Path(course).resolve()
+    with tempfile.TemporaryDirectory(prefix="mldm-") as scratch:  # short: ZeroMQ's socket paths go in there
+        return _grade(assignment, Path(course).resolve(), timeout, progress, sandbox, Path(scratch))
+
+
+def _grade(assignment: str, course: Path, timeout: int, progress: Callable[[str], None] | None, sandbox: str,
+           scratch: Path) -> Report:
     progress = progress or (lambda line: None)
     start = time.monotonic()
     report = Report(assignment, timeout, assignment_tasks(assignment, course))
@@ -369,10 +409,20 @@ def grade(assignment: str, course: str | Path = ".", timeout: int = 120,
         report.seconds = time.monotonic() - start
         return report
 
+    env = _env()
+    report.isolation, kernel, stop = _isolation(sandbox, course, scratch, env)
+    progress(f"isolation: {report.isolation}")
+    if stop:  # grading must not run student code unisolated: nothing is graded
+        report.failures.append(stop)
+        for nb in results.values():
+            if nb.status == "queued":
+                nb.status, nb.detail = ERROR, "not graded: the sandbox cannot run (see the error)"
+        report.seconds = time.monotonic() - start
+        return report
     width = max(len(s.student) for s in report.students)
-    spec = {"assignment": assignment, "timeout": timeout, "jobs": jobs, "clear": clear}
+    spec = {"assignment": assignment, "timeout": timeout, "jobs": jobs, "clear": clear, "kernel": kernel}
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "minildm.grade", "--helper"], cwd=course, env=_env(),
+        proc = subprocess.Popen([sys.executable, "-m", "minildm.grade", "--helper"], cwd=course, env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
         proc.stdin.write(json.dumps(spec))
         proc.stdin.close()
@@ -471,10 +521,34 @@ def _restore_test_cells_class():
     return RestoreTestCells
 
 
+def _hide_hidden_tests_class():
+    from nbgrader.preprocessors import ClearHiddenTests
+
+    class HideHiddenTests(ClearHiddenTests):
+        """Feedback without the hidden tests: nbgrader's generate_feedback shows the autograded notebook, hidden tests
+        included. This removes them (nbgrader's ClearHiddenTests), and cuts the traceback of an error in such a cell
+        down to its last line (`ExerciseError: kl_divergence (...): ...`), since IPython's traceback quotes the
+        lines around the one that failed. A marker in a student's own cell does not stop the feedback."""
+
+        enforce_metadata = False
+
+        def preprocess_cell(self, cell, resources, cell_index):
+            had_hidden = cell.cell_type == "code" and self.begin_test_delimeter in cell.source
+            cell, resources = super().preprocess_cell(cell, resources, cell_index)
+            if had_hidden:
+                for output in cell.get("outputs", []):
+                    if output.get("output_type") == "error":
+                        output["traceback"] = [f"{output.get('ename', 'Error')}: {output.get('evalue', '')}"]
+            return cell, resources
+
+    return HideHiddenTests
+
+
 def __getattr__(name: str):
-    # RestoreTestCells subclasses an nbgrader class: built on first use, so importing this module needs no nbgrader.
-    if name == "RestoreTestCells":
-        cls = globals()[name] = _restore_test_cells_class()
+    # These subclass nbgrader's classes: built on first use, so importing this module needs no nbgrader.
+    builders = {"RestoreTestCells": _restore_test_cells_class, "HideHiddenTests": _hide_hidden_tests_class}
+    if name in builders:
+        cls = globals()[name] = builders[name]()
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -550,6 +624,10 @@ def _helper() -> int:
     overrides = Config()
     overrides.Execute.timeout = timeout
     overrides.Execute.on_cell_start = _remember_cell
+    if spec.get("kernel"):  # the sandboxed kernel (minildm.sandbox): no network, so ZeroMQ over Unix sockets
+        overrides.Execute.kernel_name = spec["kernel"]
+        overrides.KernelManager.transport = "ipc"
+        overrides.KernelManager.ip = os.environ["MINILDM_GRADE_IPC"]
     default = Autograde.class_traits()["sanitize_preprocessors"].default()
     overrides.Autograde.sanitize_preprocessors = [sys.modules[__name__].RestoreTestCells if p is OverwriteCells else p
                                                  for p in default]

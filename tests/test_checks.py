@@ -612,3 +612,18 @@ def test_checkers_leave_the_global_random_state_alone(checkers):
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+@pytest.mark.parametrize("owner, attr, source", [
+    (torch, "allclose", "fake = lambda *args, **kwargs: True"),
+    (torch.Tensor, "any", "def fake(self):\n    return False"),
+    (torch.nn.functional, "mse_loss", "import functools\ndef zero(a, b, k):\n    return 0\nfake = functools.partial(zero, k=1)"),
+    (math, "isclose", "class Yes:\n    def __call__(self, *a, **k):\n        return True\nfake = Yes()"),
+], ids=["torch.allclose", "Tensor.any", "F.mse_loss partial", "math.isclose object"])
+def test_guard_refuses_to_check_once_a_notebook_replaced_torch(owner, attr, source, monkeypatch):
+    """Issue 14: an answer cell that replaces what the checkers compute with gets no check at all."""
+    answer = in_main(KL_SOURCE)["kl_divergence"]
+    checks.written_here(answer, "kl_divergence")  # fine before
+    monkeypatch.setattr(owner, attr, in_main(source)["fake"])
+    with pytest.raises(ExerciseError, match=f"{attr} was replaced by code in this notebook"):
+        checks.written_here(answer, "kl_divergence")

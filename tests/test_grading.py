@@ -1,9 +1,14 @@
 """`minildm grade`: a report an instructor can trust, whatever the students submitted.
 
-One module-scoped course is graded once (about a minute on 2 cores, nbgrader and a kernel per notebook) with
+One module-scoped course is graded once (about two minutes on 2 cores, nbgrader and a kernel per notebook) with
 crafted submissions of ex02-autoencoder: the solution, the untouched release, cells that raise, an edited and
 deleted test cells, a loop the kernel interrupt stops and one it cannot stop, a kernel that dies, a file that is not
-JSON, a renamed file and a folder without the notebook. Then the same course again with most folders removed.
+JSON, a renamed file, a folder without the notebook, answers imported from the package, replaced checkers, and, where
+the bubblewrap sandbox runs, submissions that read the solutions, write the gradebook and another student's files,
+reach the network, and replace torch functions. Then the same course again with most folders removed.
+
+Where bwrap cannot run the attacking submissions are left out and their tests skip with the reason (without the
+sandbox they would succeed); MINILDM_REQUIRE_SANDBOX=1 (set by CI) turns that skip into a failure.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import io
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -34,10 +41,19 @@ from minildm.grade import (
 
 pytest.importorskip("nbgrader")
 
+from minildm.sandbox import probe
+
+NO_SANDBOX = probe()  # '' where bwrap runs here
+if NO_SANDBOX and os.environ.get("MINILDM_REQUIRE_SANDBOX"):
+    raise RuntimeError(f"MINILDM_REQUIRE_SANDBOX is set but the grading sandbox cannot run: {NO_SANDBOX}")
+needs_sandbox = pytest.mark.skipif(bool(NO_SANDBOX), reason=f"grading sandbox unavailable: {NO_SANDBOX}")
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSIGNMENT = "ex02-autoencoder"
 NOTEBOOK = "autoencoder.ipynb"
-TIMEOUT = 10  # seconds a cell may run: the loops cost this much, the slowest real cell (import torch) needs ~5
+# seconds a cell may run: the loops cost this much, the slowest real cell (import torch) needs ~5 on 2 idle cores;
+# raise it on a busy machine, where the imports alone can take longer (MINILDM_GRADE_TEST_TIMEOUT=40)
+TIMEOUT = int(os.environ.get("MINILDM_GRADE_TEST_TIMEOUT", "10"))
 TASKS = ["test_reparameterize", "test_kl_divergence", "test_nearest_code", "test_straight_through"]
 
 
@@ -66,7 +82,40 @@ def _without(nb: dict, *grade_ids: str) -> dict:
     return nb
 
 
-def _submissions(course: Path) -> None:
+ATTACKERS = ["oscar", "peggy", "rita", "sam"]
+# oscar copies the hidden tests' source: the solution of each answer cell, read from the course's solutions/
+STEAL = """import json, pathlib
+source = pathlib.Path.cwd().parents[2] / "solutions" / "ex02-autoencoder" / "autoencoder.ipynb"
+for c in json.loads(source.read_text())["cells"]:
+    if c["metadata"].get("nbgrader", {}).get("grade_id") == GRADE_ID:
+        exec("".join(c["source"]))
+"""
+# peggy solves everything, then tries to wreck the gradebook, another student's files and the hidden tests
+WRECK = """
+import pathlib, shutil
+course = pathlib.Path.cwd().parents[2]
+for target in [course / "gradebook.db", course / "submitted" / "alice" / "ex02-autoencoder" / "autoencoder.ipynb",
+               course / "autograded" / "alice" / "ex02-autoencoder" / "autoencoder.ipynb"]:
+    try:
+        target.write_bytes(b"peggy was here")
+        print("wrote", target)
+    except OSError as e:
+        print("refused", target, type(e).__name__)
+shutil.rmtree(course / "solutions", ignore_errors=True)
+"""
+# rita solves everything, then tries to reach the grader's machine (a listener of this test) and the internet
+REACH = """
+import socket
+for host, port in [("127.0.0.1", PORT), ("pypi.org", 443)]:
+    try:
+        socket.create_connection((host, port), timeout=3).sendall(b"rita was here")
+        print("reached", host)
+    except OSError as e:
+        print("no network:", host, type(e).__name__)
+"""
+
+
+def _submissions(course: Path, port: int) -> None:
     released = json.loads((course / "exercises" / ASSIGNMENT / NOTEBOOK).read_text())
     solution = json.loads((course / "solutions" / ASSIGNMENT / NOTEBOOK).read_text())
 
@@ -74,8 +123,8 @@ def _submissions(course: Path) -> None:
         nb = json.loads(json.dumps(released))
         for cell in nb["cells"]:
             meta = cell["metadata"].get("nbgrader", {})
-            if meta.get("solution"):
-                cell["source"] = _cell(solution, meta["grade_id"])["source"]
+            if meta.get("solution"):  # a string: `+=` below appends code, not characters to a shared list
+                cell["source"] = "".join(_cell(solution, meta["grade_id"])["source"])
         return nb
 
     def put(student: str, nb: dict | str, name: str = NOTEBOOK) -> None:
@@ -126,16 +175,66 @@ def _submissions(course: Path) -> None:
     _cell(nb, "kl_divergence")["source"] = ("def kl_divergence(mean, logvar):\n"
                                             "    return 0.5 * (mean**2).sum(dim=(1, 2, 3))\n")
     put("judy", nb)
+    if NO_SANDBOX:
+        return
+    nb = json.loads(json.dumps(released))
+    for cell in nb["cells"]:
+        if cell["metadata"].get("nbgrader", {}).get("solution"):
+            cell["source"] = f"GRADE_ID = {cell['metadata']['nbgrader']['grade_id']!r}\n" + STEAL
+    put("oscar", nb)
+    nb = solved()
+    _cell(nb, "reparameterize")["source"] += WRECK
+    put("peggy", nb)
+    nb = solved()
+    _cell(nb, "reparameterize")["source"] += REACH.replace("PORT", str(port))
+    put("rita", nb)
+    # sam: every answer right, then what the checkers compare with is made to agree with anything
+    nb = solved()
+    _cell(nb, "reparameterize")["source"] += "\ntorch.allclose = lambda *args, **kwargs: True\n"
+    put("sam", nb)
+
+
+def _outputs(path: Path) -> str:
+    """What the cells of an autograded notebook printed, and the names of the errors they raised."""
+    cells = json.loads(path.read_text())["cells"]
+    return "".join("".join(o.get("text", "")) + o.get("ename", "") + "\n"
+                   for c in cells if c["cell_type"] == "code" for o in c.get("outputs", []))
+
+
+class Listener:
+    """A TCP server on the grader's loopback that records what connects to it."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port, self.received = self.sock.getsockname()[1], []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.received.append(conn.recv(100))
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     course = _course(tmp_path_factory.mktemp("course"))
-    _submissions(course)
+    listener = Listener()
+    _submissions(course, listener.port)
+    before = {p: p.read_bytes() for p in (course / "submitted").rglob("*.ipynb")
+              if p.parts[-3] != "grace"}  # hers is renamed by grading
     start = time.monotonic()
     rc, out, err = _run(["grade", ASSIGNMENT, "--course", str(course), "--timeout", str(TIMEOUT),
                          "--csv", str(course / "grades.csv"), "--json", str(course / "grades.json")])
     seconds = time.monotonic() - start
+    listener.sock.close()
+    changed = sorted(str(p.relative_to(course)) for p, data in before.items()
+                     if not p.is_file() or p.read_bytes() != data)
+    outputs = {p.parts[-3]: _outputs(p) for p in (course / "autograded").glob(f"*/{ASSIGNMENT}/{NOTEBOOK}")}
+    solutions = sorted(str(p.relative_to(course)) for p in (course / "solutions").rglob("*.ipynb"))
     report = json.loads((course / "grades.json").read_text())
     with (course / "grades.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -156,6 +255,7 @@ def graded(tmp_path_factory):
                  for s in gb.assignment_submissions(ASSIGNMENT)}
     print(out, f"\n(first run {seconds:.0f} s)")
     return {"course": course, "rc": rc, "out": out, "err": err, "json": report, "csv": rows, "auto": auto,
+            "received": listener.received, "changed": changed, "outputs": outputs, "solutions": solutions,
             "rc2": rc2, "out2": out2, "err2": err2, "json2": json.loads((course / "again.json").read_text()),
             "auto2": auto2, "seconds": seconds, "grace": grace}
 
@@ -192,7 +292,13 @@ EXPECTED = {  # student: (status, graded, points per task or None, marks in the 
     "judy": (GRADED, True, [2, 0, 2, 2], ["2/2", "0/2", "2/2", "2/2", "6/8"]),
     "kim": (TIMED_OUT, False, None, ["-", "-", "-", "-", "-"]),
     "mallory": (MISSING, False, None, ["-", "-", "-", "-", "-"]),
+    "oscar": (GRADED, True, [0, 0, 0, 0], ["0/2", "0/2", "0/2", "0/2", "0/8"]),
+    "peggy": (GRADED, True, [2, 2, 2, 2], ["2/2", "2/2", "2/2", "2/2", "8/8"]),
+    "rita": (GRADED, True, [2, 2, 2, 2], ["2/2", "2/2", "2/2", "2/2", "8/8"]),
+    "sam": (GRADED, True, [0, 0, 0, 0], ["0/2", "0/2", "0/2", "0/2", "0/8"]),
 }
+if NO_SANDBOX:
+    EXPECTED = {k: v for k, v in EXPECTED.items() if k not in ATTACKERS}
 
 
 def test_bad_notebooks_do_not_fail_the_command_and_every_student_has_a_row(graded):
@@ -202,7 +308,7 @@ def test_bad_notebooks_do_not_fail_the_command_and_every_student_has_a_row(grade
     assert sorted(table) == sorted(EXPECTED), graded["out"]
     assert [s["student"] for s in graded["json"]["students"]] == sorted(EXPECTED)
     assert graded["json"]["failures"] == []
-    assert graded["seconds"] < 240
+    assert graded["seconds"] < 300 + 4 * (TIMEOUT - 10)
 
 
 @pytest.mark.parametrize("student", sorted(EXPECTED))
@@ -248,6 +354,41 @@ def test_answers_from_the_package_and_replaced_checkers_score_nothing(graded):
     assert "expected your own function" in ivan["test_nearest_code"]["message"]
     judy = _student(graded["json"], "judy")["notebooks"][0]["tasks"]
     assert judy["test_kl_divergence"]["message"].startswith("ExerciseError: kl_divergence")
+
+
+@needs_sandbox
+def test_the_kernel_cannot_read_the_solutions(graded):
+    """oscar's answer cells exec the solution cells of solutions/: the sandbox shows no course folder."""
+    assert "isolation: bubblewrap" in graded["out"] and graded["json"]["isolation"].startswith("bubblewrap")
+    oscar = _student(graded["json"], "oscar")["notebooks"][0]["tasks"]
+    assert "reparameterize" in oscar["test_reparameterize"]["message"]  # NameError: nothing was defined
+    assert "FileNotFoundError" in graded["outputs"]["oscar"]
+
+
+@needs_sandbox
+def test_the_kernel_cannot_write_the_gradebook_or_other_students_files(graded):
+    assert graded["changed"] == []  # every submitted notebook as it was, alice's included
+    assert graded["auto"]["alice"] == [2.0] * 4 and graded["auto"]["peggy"] == [2.0] * 4  # the gradebook is whole
+    assert len(graded["solutions"]) == len(list((ROOT / "solutions").rglob("*.ipynb")))  # rmtree did nothing
+    peggy = graded["outputs"]["peggy"]
+    # her write to the gradebook's path may land in the sandbox's own /tmp (this test's course lies in /tmp): the
+    # gradebook itself is whole (above); alice's folders are not even there
+    course = graded["course"]
+    assert f"refused {course}/submitted/alice/{ASSIGNMENT}/{NOTEBOOK} FileNotFoundError" in peggy, peggy
+    assert f"refused {course}/autograded/alice/{ASSIGNMENT}/{NOTEBOOK} FileNotFoundError" in peggy, peggy
+
+
+@needs_sandbox
+def test_the_kernel_cannot_reach_the_network(graded):
+    assert graded["received"] == []  # the listener on the grader's loopback heard nothing
+    rita = graded["outputs"]["rita"]
+    assert "no network: 127.0.0.1" in rita and "no network: pypi.org" in rita and "reached" not in rita
+
+
+@needs_sandbox
+def test_replaced_torch_functions_make_every_check_fail(graded):
+    sam = _student(graded["json"], "sam")["notebooks"][0]["tasks"]
+    assert all("torch.allclose was replaced" in sam[t]["message"] for t in TASKS)
 
 
 def test_edited_and_deleted_test_cells_are_put_back_and_run(graded):
@@ -399,7 +540,9 @@ def test_nbgrader_release_fetch_submit_collect_then_grade(tmp_path, monkeypatch)
     exchange.mkdir(mode=0o777)
     assignment, notebook = "ex03-schedules", "schedules.ipynb"
     bin_dir = str(Path(sys.executable).parent)  # nbgrader and alembic live beside this Python
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    # nbgrader_config.py imports minildm.grade: this checkout's, as `minildm grade` gives its helper (grade._env)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     monkeypatch.setenv("PATH", env["PATH"])
     flag = f"--Exchange.root={exchange}"
 
@@ -428,3 +571,29 @@ def test_nbgrader_release_fetch_submit_collect_then_grade(tmp_path, monkeypatch)
     assert rc == 0, err
     row = _table(out)[name]
     assert "graded" in row and "8/8" in row, out
+
+
+def test_feedback_shows_the_visible_tests_and_messages_never_the_hidden_tests():
+    """nbgrader generate_feedback renders the autograded notebook: through HideHiddenTests (nbgrader_config.py), the
+    hidden tests' code and the traceback lines that quote it are gone, the visible check and the message stay."""
+    import nbformat
+    from traitlets.config.loader import PyFileConfigLoader
+    from traitlets.utils.importstring import import_item
+
+    from minildm.grade import HideHiddenTests
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
+    assert HideHiddenTests in [import_item(p) for p in config.GenerateFeedback.preprocessors]
+    nb = nbformat.read(ROOT / "solutions" / ASSIGNMENT / NOTEBOOK, as_version=4)
+    cell = _cell(nb, "test_kl_divergence")
+    hidden = cell.source.split("### BEGIN HIDDEN TESTS")[1]
+    assert "_importlib.reload" in hidden
+    message = "kl_divergence (mean 0, logvar 0): values are off"
+    cell.outputs = [nbformat.v4.new_output("error", ename="ExerciseError", evalue=message, traceback=[
+        "---------", "Cell In[7], line 6", "----> 6 _importlib.reload(_stage).check_kl_divergence(kl_divergence)",
+        f"ExerciseError: {message}"])]
+    nb, _ = HideHiddenTests().preprocess(nb, {})
+    cell = _cell(nb, "test_kl_divergence")
+    assert cell.source.strip() == "checks.check_kl_divergence(kl_divergence)"
+    assert cell.outputs[0]["traceback"] == [f"ExerciseError: {message}"]
+    assert "HIDDEN" not in json.dumps(nb) and "_importlib" not in json.dumps(nb)

@@ -9,10 +9,14 @@ student's own function, not the package's reference answer.
 
 from __future__ import annotations
 
+import builtins
 import dis
+import functools
+import math
 import types
 
 import torch
+import torch.nn.functional as F
 
 
 class ExerciseError(AssertionError):
@@ -67,6 +71,31 @@ def _label(obj) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
+# What the checkers (and the hidden tests' asserts) compute with: an answer cell must not have replaced any of it.
+TRUSTED = {"torch": torch, "torch.Tensor": torch.Tensor, "torch._C.TensorBase": torch._C.TensorBase,
+           "torch.nn.functional": F, "torch.linalg": torch.linalg, "math": math, "builtins": builtins}
+
+
+def _notebook_made(obj) -> bool:
+    """Whether `obj` is a function (or a partial of one, or an instance of a class) defined in a notebook's __main__."""
+    if isinstance(obj, functools.partial):
+        obj = obj.func
+    if isinstance(obj, (types.FunctionType, types.MethodType)):
+        return getattr(obj, "__globals__", {}).get("__name__") == "__main__" or _notebook_made(
+            getattr(obj, "__func__", None))
+    return getattr(type(obj), "__module__", None) == "__main__"
+
+
+def torch_untouched() -> None:
+    """Raise ExerciseError when a function of torch, torch.Tensor, torch.nn.functional, torch.linalg, math or the
+    builtins was replaced by notebook code (`torch.allclose = lambda *a, **k: True`): the checkers would believe it."""
+    for owner_name, owner in TRUSTED.items():
+        for attr, obj in list(vars(owner).items()):
+            if _notebook_made(obj):
+                raise ExerciseError(f"{owner_name}.{attr} was replaced by code in this notebook, so no check can "
+                                    "trust it: remove that assignment and restart the kernel.")
+
+
 def written_here(fn, name: str) -> None:
     """Raise ExerciseError unless `fn` is the student's own code: a plain function defined (`def` or lambda) in
     the notebook, whose code does not reach the minildm package.
@@ -83,7 +112,10 @@ def written_here(fn, name: str) -> None:
     the package itself from an answer cell. It stops the obvious import; reading the submissions is still the
     instructor's job. (Checkers replaced from an answer cell, `checks.check_x = lambda fn: None`, are handled
     elsewhere: the hidden part of every graded cell calls the checker again through a freshly reloaded module.)
+    It also refuses to check anything once notebook code has replaced a torch, math or builtin function the checks
+    use (`torch_untouched`).
     """
+    torch_untouched()
     if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__":
         what = _label(fn) if isinstance(fn, types.FunctionType) else f"a {_label(fn)} object"
         raise ExerciseError(f"{name}: expected your own function, written with `def {name}(...)` in this notebook; "
