@@ -153,6 +153,27 @@ def to_x0_and_eps_v_sign(prediction, out, x_t, ab):
     return a * x_t + b * out, b * x_t - a * out
 
 
+def to_x0_and_eps_no_roots(prediction, out, x_t, ab):
+    if prediction != "eps":
+        return to_x0_and_eps(prediction, out, x_t, ab)
+    return (x_t - (1 - ab) * out) / ab, out
+
+
+def to_x0_and_eps_x0_swapped(prediction, out, x_t, ab):
+    if prediction != "x0":
+        return to_x0_and_eps(prediction, out, x_t, ab)
+    return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
+
+
+def loss_wrong_target(model, x0, t, noise, schedule, prediction="eps"):
+    return (model(schedule.q_sample(x0, t, noise), t) - x0).pow(2).mean()  # x0 as the target, whatever the type
+
+
+def loss_absolute(model, x0, t, noise, schedule, prediction="eps"):
+    target = diffusion.training_target(prediction, x0, noise, t, schedule)
+    return (model(schedule.q_sample(x0, t, noise), t) - target).abs().mean()
+
+
 def loss_model_sees_x0(model, x0, t, noise, schedule, prediction="eps"):
     return (model(x0, t) - diffusion.training_target(prediction, x0, noise, t, schedule)).pow(2).mean()
 
@@ -223,7 +244,9 @@ CHECKERS = [
     ]),
     (s05.check_to_x0_and_eps, to_x0_and_eps, [
         (lambda p, out, x_t, ab: to_x0_and_eps(p, out, x_t, ab)[0], "return a tuple"),
-        (to_x0_and_eps_v_sign, "prediction='v'.*x0_hat must be the x0"),
+        (to_x0_and_eps_v_sign, "prediction='v'.*x0_hat.*sign of v is flipped"),
+        (to_x0_and_eps_no_roots, "prediction='eps'.*square roots are missing"),
+        (to_x0_and_eps_x0_swapped, "prediction='x0'.*eps_hat.*coefficients are swapped"),
     ]),
     (s05.check_min_snr_weight, diffusion.min_snr_weight, [
         (lambda snr, gamma, p: snr.clamp(max=gamma), "weight for x0-prediction"),
@@ -232,7 +255,9 @@ CHECKERS = [
     ]),
     (s05.check_diffusion_loss, diffusion_loss, [
         (loss_model_sees_x0, "model's input must be x_t"),
-        (loss_summed, "the loss value"),
+        (loss_summed, "the loss is summed"),
+        (loss_wrong_target, "prediction='eps'.*the target is wrong"),
+        (loss_absolute, "mean absolute error"),
         (loss_per_sample, "expected one number"),
         (lambda *args: diffusion_loss(*args).detach(), "no gradient"),
     ]),

@@ -58,6 +58,29 @@ def check_training_target(fn) -> None:
     passed(name, "eps, x0 and v = sqrt(ab) eps - sqrt(1 - ab) x0 per sample; unknown types raise ValueError")
 
 
+def _inversion_mistakes(prediction: str, out, x_t, ab) -> tuple[dict, dict]:
+    """Typical wrong ways to solve x_t = sqrt(ab) x0 + sqrt(1 - ab) eps (and v's definition) for (x0, eps):
+    ({message: wrong x0_hat}, {message: wrong eps_hat})."""
+    a, b = ab.sqrt(), (1 - ab).sqrt()
+    roots = "the square roots are missing: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."
+    if prediction == "eps":  # x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
+        return {roots: (x_t - (1 - ab) * out) / ab,
+                "the two coefficients are swapped: x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar).":
+                    (x_t - a * out) / b,
+                "the noise must be subtracted from x_t, not added.": (x_t + b * out) / a}, {}
+    if prediction == "x0":  # eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
+        return {}, {roots: (x_t - ab * out) / (1 - ab),
+                    "the two coefficients are swapped: eps_hat = (x_t - sqrt(alpha_bar) x0_hat) / "
+                    "sqrt(1 - alpha_bar).": (x_t - b * out) / a}
+    if prediction == "v":  # x0 = sqrt(ab) x_t - sqrt(1 - ab) v, eps = sqrt(1 - ab) x_t + sqrt(ab) v
+        sign = "the sign of v is flipped: x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."
+        swap = "the coefficients are swapped: x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."
+        return ({sign: a * x_t + b * out, swap: b * x_t - a * out},
+                {"the sign of v is flipped: eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v.": b * x_t - a * out,
+                 "the coefficients are swapped: eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v.": a * x_t + b * out})
+    return {}, {}
+
+
 def check_to_x0_and_eps(fn) -> None:
     """fn(prediction, model_output, x_t, alpha_bar_t) -> (x0_hat, eps_hat), as the samplers need them."""
     name = "to_x0_and_eps"
@@ -75,6 +98,8 @@ def check_to_x0_and_eps(fn) -> None:
             if not (isinstance(got, tuple) and len(got) == 2):
                 raise ExerciseError(f"{name} ({case}): return a tuple (x0_hat, eps_hat), got {type(got).__name__}"
                                     + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "") + ".")
+            for i, which in ((0, "x0_hat"), (1, "eps_hat")):
+                known_mistake(got[i], _inversion_mistakes(prediction, target, x_t, ab)[i], name, f"{case}, {which}")
             expect_tensor(got[0], x0, name, case + ": x0_hat must be the x0 that made x_t", atol=2e-4)
             expect_tensor(got[1], eps, name, case + ": eps_hat must be the noise that made x_t", atol=2e-4)
             # Any other output: compare with the package.
@@ -159,6 +184,20 @@ def check_diffusion_loss(fn) -> None:
         if isinstance(got, torch.Tensor) and got.ndim != 0:
             raise ExerciseError(f"{name} ({case}): expected one number (a 0-dim tensor), got shape "
                                 f"{tuple(got.shape)}: average over the batch and over every element.")
+        with torch.no_grad():  # the same probe model's output, for the typical wrong losses
+            out = _ProbeModel(3, T)(schedule.q_sample(x0, t, noise), t)
+            target = ref.training_target(prediction, x0, noise, t, schedule)
+            other = {"eps": x0, "x0": noise, "v": noise}[prediction]
+            known_mistake(got, {
+                "the loss is summed; eq. (1) is an expectation: take the mean over the batch and every element.":
+                    (out - target).pow(2).sum(),
+                "the mean over the batch of per-image sums; take the mean over every element as well.":
+                    (out - target).pow(2).flatten(1).sum(1).mean(),
+                f"the target is wrong for prediction={prediction!r}: use training_target (the "
+                f"{'noise' if prediction == 'eps' else 'clean data' if prediction == 'x0' else 'velocity v'}), "
+                "not that one.": (out - other).pow(2).mean(),
+                "that is the mean absolute error; eq. (1) squares the error.": (out - target).abs().mean(),
+            }, name, case)
         expect_tensor(got, want.detach(), name, case + ": the loss value")
         if not got.requires_grad:
             raise ExerciseError(f"{name} ({case}): the loss has no gradient; do not detach the model output.")
