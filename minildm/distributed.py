@@ -135,13 +135,18 @@ def local_batch_size(global_batch: int, world_size: int | None = None) -> int:
     return global_batch // world_size
 
 
-def part_of(x: torch.Tensor | list, rank: int | None = None, world_size: int | None = None):
-    """Rank `rank`'s contiguous part of a global batch (first dimension of a tensor, or a list)."""
+def rank_slice(global_batch: int, rank: int | None = None, world_size: int | None = None) -> slice:
+    """Which items of a global batch rank `rank` of `world_size` trains on: the contiguous block
+    rank * b .. (rank + 1) * b - 1 with b = global_batch / world_size. Both default to this process's place."""
     here = place()
     rank = here.rank if rank is None else rank
-    world_size = here.world_size if world_size is None else world_size
-    n = local_batch_size(len(x), world_size)
-    return x[rank * n:(rank + 1) * n]
+    b = local_batch_size(global_batch, here.world_size if world_size is None else world_size)
+    return slice(rank * b, (rank + 1) * b)
+
+
+def part_of(x: torch.Tensor | list, rank: int | None = None, world_size: int | None = None):
+    """Rank `rank`'s contiguous part of a global batch (first dimension of a tensor, or a list)."""
+    return x[rank_slice(len(x), rank, world_size)]
 
 
 def step_generator(step: int, device, seed: int = 0) -> torch.Generator:

@@ -190,16 +190,13 @@ def dataset_batch_at(dataset, batch_size: int, seed: int = 0, collate=None, rank
     this process's place in the process group (rank 0 of 1 without torchrun)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    here = distributed.place()
-    rank = here.rank if rank is None else rank
-    local = distributed.local_batch_size(batch_size, here.world_size if world_size is None else world_size)
+    mine = distributed.rank_slice(batch_size, rank, world_size)  # this rank's part of each global batch
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset_batch_at got an empty data set")
     collate = collate or torch.utils.data.default_collate
 
     def batch_at(step: int):
-        mine = epoch_indices(n, batch_size, step, seed)[rank * local:(rank + 1) * local]  # this rank's part
-        return collate([dataset[i] for i in mine])
+        return collate([dataset[i] for i in epoch_indices(n, batch_size, step, seed)[mine]])
 
     return batch_at

@@ -243,10 +243,7 @@ def tensor_batch_at(data: ImageTensors, batch_size: int, device, seed: int = 0, 
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(data) == 0:
         raise ValueError("tensor_batch_at got an empty data set")
-    here = distributed.place()
-    rank = here.rank if rank is None else rank
-    local = distributed.local_batch_size(batch_size, here.world_size if world_size is None else world_size)
-    mine = slice(rank * local, (rank + 1) * local)
+    mine = distributed.rank_slice(batch_size, rank, world_size)  # this rank's part of each global batch
     data = data.to(device)  # uint8: the whole data set moves once; a batch is then one index on the device
 
     def batch_at(step: int) -> dict:

@@ -343,15 +343,12 @@ def shapes_batch_at(cfg: ShapesConfig, batch_size: int, device=None, rank: int |
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    here = distributed.place()
-    rank = here.rank if rank is None else rank
-    local = distributed.local_batch_size(batch_size, here.world_size if world_size is None else world_size)
+    mine = distributed.rank_slice(batch_size, rank, world_size)  # this rank's part of each global batch
     pool = ThreadPoolExecutor(max_workers=1)
     upcoming: dict[int, Future] = {}
 
     def scenes_of(step: int) -> list[Scene]:
-        first = step * batch_size + rank * local
-        return sample_scenes(range(first, first + local), cfg)
+        return sample_scenes(range(step * batch_size + mine.start, step * batch_size + mine.stop), cfg)
 
     def batch_at(step: int) -> dict:
         if step < 0:
