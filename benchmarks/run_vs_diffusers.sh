@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# benchmarks/vs_diffusers.py on the GPU machine in one device call (about 8 minutes, always under 9.5).
+# benchmarks/vs_diffusers.py on the GPU machine in one device call (about 8 minutes, always under 9.5), then the
+# sampler's CUDA graph with and without compilation (sampling_speed.py).
 #   Here, once:  ../shared/tools/gpu-wheels.sh diffusers==0.42.1 "huggingface_hub<2"     (fills .whl/)
 #   Device call: carry [".whl"], command `bash benchmarks/run_vs_diffusers.sh`
 #   Back in $OUT: vs_diffusers.jsonl (the records), table.md (the tables), log.txt (everything printed).
-# Eager first (both shapes, cheap), then the compiled variants shape by shape, each under a time limit: a process
-# stopped by its limit keeps the records it has written, and table.md is made from whatever came back.
+# The latent shape (the recipe's, the goals) in every mode first: eager, compiled, compiled-graphs (the
+# second compile finds the first one's kernels in the inductor cache); then the pixel shape eager. Each under a time
+# limit: a process stopped by its limit keeps the records it has written, and table.md is made from what came back.
 # A smoke test on a CPU: SMOKE=1 OUT=/tmp/vsd PYTHON=<python with torch> PYTHONPATH=<diffusers> bash <this script>
 set -u
 PY=${PYTHON:-python3}
@@ -16,7 +18,7 @@ if [ -z "${SMOKE:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
   export PYTHONPATH=$site:$PWD
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$log"
-  args=(--seconds 2); limit_eager=150; limit_latent=250; total=540
+  args=(--seconds 2); limit_eager=80; limit_latent=330; total=540
 else
   export PYTHONPATH=${PYTHONPATH:-}:$PWD
   args=(--smoke); limit_eager=600; limit_latent=900; total=1800
@@ -28,10 +30,18 @@ bench() {  # bench <seconds allowed> <arguments...>
   timeout "$1" $PY benchmarks/vs_diffusers.py "${args[@]}" --out "$res" "${@:2}" >> "$log" 2>&1
   echo "== exit $? after $SECONDS s in all" | tee -a "$log"
 }
-bench $limit_eager --modes eager
-bench $limit_latent --modes compiled --shapes latent
-left=$(( total - SECONDS ))
-if [ $left -gt 60 ]; then bench $left --modes compiled --shapes pixel; else echo "no time left for pixel, compiled" | tee -a "$log"; fi
+bench $limit_eager --modes eager --shapes latent
+bench $limit_latent --modes compiled compiled-graphs --shapes latent
 $PY benchmarks/vs_diffusers.py --table-from "$res" | tee "$OUT/table.md"
+if [ -z "${SMOKE:-}" ]; then  # the sampler: eager, its CUDA graph, compiled then graphed (TRAIN_SPEED=1: the Trainer's step)
+  timeout 90 $PY benchmarks/sampling_speed.py --spaces latent --steps 50 --batch 256 \
+    --out "$OUT/sampling_speed.json" > "$OUT/sampling_speed.txt" 2>&1
+  tail -4 "$OUT/sampling_speed.txt"
+  [ -n "${TRAIN_SPEED:-}" ] && timeout $(( total - SECONDS )) $PY benchmarks/train_speed.py --models diffusion \
+    --no-channels-last --seconds 3 --peak-tflops 775 --out "$OUT/train_speed" > "$OUT/train_speed.txt" 2>&1
+fi
+left=$(( total - SECONDS ))
+if [ $left -gt 40 ]; then bench $left --modes eager --shapes pixel; fi
+$PY benchmarks/vs_diffusers.py --table-from "$res" > "$OUT/table.md"
 grep -i -m5 "error\|Traceback" "$log"
 echo "run_vs_diffusers.sh: $SECONDS s"

@@ -7,7 +7,9 @@ optimiser, EMA) of the full-mode recipes:
 
 - diffusion (text encoder + UNet on 4x16x16 latents, batch 256) and the autoencoder (64 px, batch 64);
 - as shipped (data drawn and encoded every step) and on one fixed batch (the model alone);
-- the model alone in NCHW and in channels-last memory format, eager and under `torch.compile`;
+- the model alone in NCHW and in channels-last memory format, eager and under `torch.compile` (the Trainer's
+  `TrainConfig.compile`): mode "default" (fused Triton kernels) and "reduce-overhead" (the same, replayed as CUDA
+  graphs), with the first step's seconds (the compilation) in `first_step_s`;
 
 and converts images/s into model FLOP/s (counted with torch's FlopCounterMode) and a fraction of the GPU's bf16
 dense peak (--peak-tflops, default 989 for an H100/H200 SXM: NVIDIA's data sheet figure without sparsity).
@@ -73,25 +75,25 @@ def flops_per_image(step, batch_size: int) -> float:
     return counter.get_total_flops() / batch_size
 
 
-def make_diffusion(rt, channels_last: bool, compiled: bool):
+def make_diffusion(rt, channels_last: bool, compiled: str | None):
     recipe = diffusion_recipe("latent", fast=rt.fast)
     task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
     trainer = Trainer(task, recipe.train, rt)
     if channels_last:
         task.to(memory_format=torch.channels_last)
-    if compiled:
-        task.denoiser.unet.compile()
+    if compiled:  # as Trainer.fit does with TrainConfig.compile
+        task.denoiser.unet.compile(mode=compiled)
     return trainer, recipe
 
 
-def make_autoencoder(rt, channels_last: bool, compiled: bool):
+def make_autoencoder(rt, channels_last: bool, compiled: str | None):
     recipe = autoencoder_recipe(fast=rt.fast)
     task = AutoencoderTask(recipe.model, recipe.loss)
     trainer = Trainer(task, recipe.train, rt)
     if channels_last:
         task.to(memory_format=torch.channels_last)
     if compiled:
-        task.autoencoder.compile()
+        task.autoencoder.compile(mode=compiled)
     return trainer, recipe
 
 
@@ -147,6 +149,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per variant")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--models", nargs="+", choices=["diffusion", "autoencoder"], default=["diffusion", "autoencoder"])
+    parser.add_argument("--no-channels-last", action="store_true", help="skip the channels-last variants")
     parser.add_argument("--fast", action="store_true", help="the fast-mode recipes (a smoke test on a CPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -168,9 +172,14 @@ def main(argv=None) -> None:
              lambda recipe, ae: diffusion_batch_fn(recipe.data, recipe.train.batch_size, rt, ae)),
             ("autoencoder", make_autoencoder,
              lambda recipe, ae: shapes_batch_at(recipe.data, recipe.train.batch_size, rt.device))):
-        variants = [("eager", False, False), ("eager channels_last", True, False)]
+        if model not in args.models:
+            continue
+        variants = [("eager", False, None), ("eager channels_last", True, None)]
         if not args.skip_compile:
-            variants += [("compiled", False, True), ("compiled channels_last", True, True)]
+            variants += [("compiled", False, "default"), ("compiled channels_last", True, "default"),
+                         ("compiled reduce-overhead (CUDA graphs)", False, "reduce-overhead")]
+        if args.no_channels_last:
+            variants = [v for v in variants if not v[1]]
         flops = None
         for name, channels_last, compiled in variants:
             flops = bench_variant(rt, args, record, model, make, batch_fn, name, channels_last, compiled, flops)

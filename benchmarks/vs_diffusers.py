@@ -13,7 +13,10 @@ times both side by side in one process on one GPU, on the latents of the recipe 
 - training images/s: one full step (forward, MSE loss against fixed noise, backward, AdamW lr 2e-4) under bf16
   autocast, on fixed random inputs so that no data pipeline is timed; eager and under `torch.compile`, each timed
   twice, interleaved (minildm, diffusers, minildm, diffusers), so that drift of the machine shows as a difference
-  between a model's two runs rather than between the models;
+  between a model's two runs rather than between the models; AdamW is fused on a GPU (one kernel for all tensors,
+  as minildm's Trainer uses it) for both. Modes: "eager"; "compiled" (torch.compile's default mode: fused Triton
+  kernels, launched one by one); "compiled-graphs" (mode "reduce-overhead": the same kernels replayed as CUDA
+  graphs, so that the CPU no longer sets the pace);
 - inference images/s: the forward pass alone, no grad, bf16 autocast, eager and compiled;
 - TFLOP/s: images/s times the FLOP per image that torch.utils.flop_counter counts (matmuls, convolutions,
   attention), as a fraction of --peak-tflops (default 775, the bf16 matmul peak measured on an H200 in the issue)
@@ -67,6 +70,9 @@ then a device call with carry [".whl"] and the command `bash benchmarks/run_vs_d
 # name: (in_channels, image size, batch); --smoke shrinks them
 SHAPES = {"latent": (4, 16, 256), "pixel": (3, 64, 32)}
 SMOKE_SHAPES = {"latent": (4, 8, 4), "pixel": (3, 16, 2)}
+
+
+COMPILE_MODES = {"compiled": {}, "compiled-graphs": {"mode": "reduce-overhead"}}  # mode name -> torch.compile options
 
 
 def sync() -> None:
@@ -212,10 +218,13 @@ def bench_shape(shape: str, args, device, record) -> None:
     steps, gflop = {}, {}
     for name, net in nets.items():
         net.to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=2e-4)
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=device.type == "cuda" or None)
         steps[name, "eager"] = make_steps(net, opt, inputs, device)
-        if "compiled" in args.modes and name != "minildm -posemb":
-            steps[name, "compiled"] = make_steps(torch.compile(net, backend=args.backend), opt, inputs, device)
+        for mode, options in COMPILE_MODES.items():
+            if mode in args.modes and name != "minildm -posemb":
+                options = options if args.backend == "inductor" else {}  # modes are inductor's (--smoke: aot_eager)
+                steps[name, mode] = make_steps(torch.compile(net, backend=args.backend, **options), opt, inputs,
+                                               device)
         gflop[name] = {task: flops_of(step) / batch / 1e9 for task, step in steps[name, "eager"].items()}
         record(kind="model", shape=shape, model=name, batch=batch, input=[in_channels, size, size],
                params=sum(p.numel() for p in net.parameters()),
@@ -223,13 +232,13 @@ def bench_shape(shape: str, args, device, record) -> None:
     for mode in args.modes:
         names = [name for name, m in steps if m == mode]
         for task in ("train", "infer"):
-            if mode == "compiled":  # the first call compiles: time it alone
+            if mode != "eager":  # the first call compiles: time it alone
                 for name in names:
                     nets[name].train(task == "train")
                     t0 = time.perf_counter()
                     steps[name, mode][task]()
                     sync()
-                    record(kind="compile", shape=shape, model=name, task=task,
+                    record(kind="compile", shape=shape, model=name, task=task, mode=mode,
                            seconds=round(time.perf_counter() - t0, 1))
             ms = defaultdict(list)
             for rnd in (1, 2):  # A B A B: a model's two runs show the drift
@@ -276,7 +285,7 @@ def tables(records: list[dict]) -> str:
         if r["kind"] in ("train", "infer"):
             runs[r["shape"], r["model"], r["mode"], r["kind"]].append(r)
         elif r["kind"] == "compile":
-            compiles[r["shape"], r["model"], r["task"]] = r["seconds"]
+            compiles[r["shape"], r["model"], r.get("mode", "compiled"), r["task"]] = r["seconds"]
         elif r["kind"] == "profile":
             profiles.append(r)
     lines += [("| shape, batch | model (M params, GFLOP/image train) | mode | train images/s, run 1 / 2 "
@@ -285,7 +294,7 @@ def tables(records: list[dict]) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = list(dict.fromkeys(k[:3] for k in runs))  # in the order measured, then by shape and mode
     shapes = list(dict.fromkeys(k[0] for k in rows))
-    for shape, model, mode in sorted(rows, key=lambda k: (shapes.index(k[0]), k[2] != "eager")):
+    for shape, model, mode in sorted(rows, key=lambda k: (shapes.index(k[0]), ["eager", *COMPILE_MODES].index(k[2]))):
         m = models.get((shape, model), {})
         train, infer = runs.get((shape, model, mode, "train"), []), runs.get((shape, model, mode, "infer"), [])
 
@@ -295,8 +304,8 @@ def tables(records: list[dict]) -> str:
         def mean(rs, key):
             return sum(r[key] for r in rs) / len(rs) if rs else None
 
-        compile_s = (f"{fmt(compiles.get((shape, model, 'train')), '.0f')} / "
-                     f"{fmt(compiles.get((shape, model, 'infer')), '.0f')}" if mode == "compiled" else "")
+        compile_s = (f"{fmt(compiles.get((shape, model, mode, 'train')), '.0f')} / "
+                     f"{fmt(compiles.get((shape, model, mode, 'infer')), '.0f')}" if mode != "eager" else "")
         lines.append(
             f"| {shape} {'x'.join(map(str, m.get('input', [])))}, {m.get('batch', '?')} "
             f"| {model} ({fmt(m.get('params', 0) / 1e6, '.1f')} M, {fmt(m.get('gflop_per_image_train'), '.2f')}) "
@@ -320,7 +329,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/vs_diffusers.jsonl"), help="JSON lines, appended")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", choices=["eager", *COMPILE_MODES], default=["eager", *COMPILE_MODES])
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per run (default 3)")
     parser.add_argument("--peak-tflops", type=float, default=775.0,
                         help="bf16 peak for the fraction column (default 775: an H200's measured matmul peak)")
@@ -357,7 +366,7 @@ def main(argv=None) -> None:
 
     args.measured_peak = matmul_tflops(rt.device)
     record(kind="peak", tflops=round(args.measured_peak, 3))
-    if "compiled" in args.modes:
+    if set(args.modes) & set(COMPILE_MODES):
         record(kind="compile_warm_up", seconds=round(warm_up_compiler(rt.device, args.backend), 1))
     with no_value_checks():  # the UNet's timestep-range check would read t on the host every step
         for shape in args.shapes:

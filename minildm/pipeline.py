@@ -179,6 +179,11 @@ class DiffusionTask(nn.Module):
             if diffusion_cfg.condition == "class" and not classes:
                 raise ValueError("condition='class' needs the class names of the data set (classes=[...])")
             self.denoiser = ClassDenoiser(unet_cfg, classes if diffusion_cfg.condition == "class" else [])
+        # T lives in the DiffusionConfig (it defines the schedule); the UNet's config only bounds the t it accepts
+        if unet_cfg.num_timesteps not in (None, diffusion_cfg.num_timesteps):
+            raise ValueError(f"the UNet accepts t in [0, {unet_cfg.num_timesteps - 1}] but the schedule has "
+                             f"T = {diffusion_cfg.num_timesteps} steps; give UNetConfig the same num_timesteps "
+                             "(or None) as DiffusionConfig")
         self.schedule = NoiseSchedule.from_name(diffusion_cfg.schedule, T=diffusion_cfg.num_timesteps)
 
     def param_groups(self) -> dict:
@@ -211,6 +216,10 @@ class DiffusionTask(nn.Module):
 
     def ema_module(self) -> nn.Module:
         return self.denoiser
+
+    def compile_target(self) -> nn.Module:
+        """The UNet, for `TrainConfig.compile` (the text encoder is small and its input never changes shape)."""
+        return self.denoiser.unet
 
     def config_dict(self) -> dict:
         out = {"unet": asdict(self.unet_cfg), "text": asdict(self.text_cfg), "diffusion": asdict(self.diffusion_cfg)}

@@ -8,7 +8,15 @@ autoencoders or diffusion. A task provides
   (the autoencoder's discriminator trains with Adam betas (0.5, 0.9) and no clipping, as in taming-transformers);
 - `losses(batch, step) -> ({name: loss}, {log_name: float})`: one loss per optimiser;
 - `ema_module()`: the module whose exponential moving average is kept (or None);
-- `kind` and `config_dict()`: stored in the checkpoint so the model can be rebuilt.
+- `kind` and `config_dict()`: stored in the checkpoint so the model can be rebuilt;
+- optionally `compile_target()`: the network that `TrainConfig.compile` hands to torch.compile.
+
+Compilation (`TrainConfig.compile`, a torch.compile mode, on CUDA only): torch.compile traces the network's forward
+and backward once and generates fused kernels for them; "reduce-overhead" also records them as CUDA graphs, so one
+launch replays the thousands of small kernels of a step (a 4x16x16 latent step is launch-bound: the GPU waits for
+the CPU that queues its kernels). The first step pays for the compilation; `Trainer.compile_seconds` holds that
+step's time and the progress line reports it. `Module.compile()` compiles in place, so the state dict and the
+checkpoints keep their plain names.
 
 Batches come from `batch_at(step)`, a function of the step number, so a resumed run sees exactly
 the batches the interrupted one would have seen. The data package has one such feeder per kind of data:
@@ -52,6 +60,7 @@ class TrainConfig:
     log_every: int = 25
     max_seconds: float | None = None  # stop early after this much training time (a wall-clock budget)
     seed: int = 0
+    compile: str | None = None  # None, or a torch.compile mode ("default", "reduce-overhead"): CUDA only
 
 
 class Trainer:
@@ -74,7 +83,8 @@ class Trainer:
             group = dict(group) if isinstance(group, dict) else {"params": group}
             self.grad_clip[name] = group.pop("grad_clip", cfg.grad_clip)
             settings = {"lr": cfg.lr, "betas": cfg.adam_betas, "weight_decay": cfg.weight_decay, **group}
-            self.optimizers[name] = torch.optim.AdamW(**settings)
+            # fused: one kernel updates every tensor (CUDA), instead of a dozen multi-tensor kernels
+            self.optimizers[name] = torch.optim.AdamW(**settings, fused=runtime.device.type == "cuda" or None)
         ema_target = task.ema_module()
         self.ema = EMA(ema_target, decay=cfg.ema_decay) if (cfg.ema_decay and ema_target is not None) else None
         # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not.
@@ -83,8 +93,27 @@ class Trainer:
         self.history: list[dict] = []
         self.train_seconds = 0.0
         self.extra: dict = {}  # plain values a task stores with the checkpoint (e.g. the latent scale factor)
+        # the network fit() runs compiled (`Module.compile`, in place: the state dict keeps its names) and leaves
+        # plain again, so that sampling (other batch sizes, its own CUDA graphs) never meets the training graphs
+        self.compiled, self.compile_seconds = self._compile(cfg.compile), None
         if self.ckpt_path is not None and self.ckpt_path.exists():
             self.load(self.ckpt_path)
+
+    def _compile(self, mode: str | None) -> nn.Module | None:
+        """The network that fit() hands to torch.compile (validated here, compiled in fit), or None."""
+        if mode is None:
+            return None
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if mode not in modes:
+            raise ValueError(f"TrainConfig.compile={mode!r} is not a torch.compile mode; use None or one of {modes}")
+        target = getattr(self.task, "compile_target", lambda: None)()
+        if target is None or self.rt.device.type != "cuda":
+            if self.place.is_main:
+                print(f"TrainConfig.compile={mode!r} ignored: "
+                      + ("compilation is used on CUDA only" if target is not None
+                         else f"the {self.task.kind} task names no network to compile"), flush=True)
+            return None
+        return target
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
@@ -178,10 +207,22 @@ class Trainer:
         sync()
         first_step = self.step
         t_last, images_since = time.perf_counter(), 0
+        if self.compiled is not None:
+            self.compiled.compile(mode=self.cfg.compile)
         try:
             while not done():
                 batch = batch_at(self.step)
-                logs = self.train_step(batch)
+                if self.compiled is not None and self.compile_seconds is None:  # the first step compiles: time it alone
+                    sync()
+                    t0 = time.perf_counter()
+                    logs = self.train_step(batch)
+                    sync()
+                    self.compile_seconds = time.perf_counter() - t0
+                    if self.place.is_main:
+                        tqdm.write(f"torch.compile ({self.cfg.compile}): the first {self.task.kind} step took "
+                                   f"{self.compile_seconds:.0f} s (compilation; counted in the training time)")
+                else:
+                    logs = self.train_step(batch)
                 self.step += 1
                 self.extra.clear()  # values derived from the weights (e.g. a scale factor) are stale now
                 images_since += self.cfg.batch_size
@@ -218,6 +259,8 @@ class Trainer:
             raise
         finally:
             bar.close()
+            if self.compiled is not None:
+                self.compiled._compiled_call_impl = None  # undoes Module.compile(): the module runs eagerly again
         sync()
         if self.step == first_step:  # nothing trained (e.g. a finished checkpoint was loaded): nothing to save
             return self.history

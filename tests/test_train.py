@@ -195,3 +195,42 @@ def test_cpu_threads_follow_omp_num_threads_else_half_the_cores(monkeypatch):
         assert torch.get_num_threads() == 8 and "cpu (8 threads)" in rt.describe()
     finally:
         torch.set_num_threads(before)
+
+
+class CompiledToy(LinearRegression):
+    """The toy task naming its model as the network to compile (as DiffusionTask names its UNet)."""
+
+    def compile_target(self):
+        return self.model
+
+
+def test_compile_mode_is_checked_and_ignored_off_cuda(capsys):
+    with pytest.raises(ValueError, match="not a torch.compile mode"):
+        Trainer(CompiledToy(), config(compile="fastest"), CPU)
+    trainer = Trainer(CompiledToy(), config(compile="reduce-overhead"), CPU)
+    assert "compilation is used on CUDA only" in capsys.readouterr().out
+    eager = Trainer(CompiledToy(), config(), CPU)
+    trainer.fit(batch_at, progress=False)
+    eager.fit(batch_at, progress=False)
+    assert trainer.compiled is None and trainer.compile_seconds is None
+    torch.testing.assert_close(trainer.task.state_dict(), eager.task.state_dict(), rtol=0, atol=0)
+    Trainer(LinearRegression(), config(compile="default"), CPU)  # a task without compile_target(): a note
+    assert "names no network to compile" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile is used on CUDA only")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_compiled_training_matches_eager_and_leaves_the_model_plain(mode):
+    rt = Runtime(device=torch.device("cuda"), dtype=torch.float32, fast=True)
+    compiled = Trainer(CompiledToy(), config(compile=mode), rt)
+    eager = Trainer(CompiledToy(), config(), rt)
+
+    def cuda_batch_at(step):
+        return tuple(v.cuda() for v in batch_at(step))
+
+    compiled.fit(cuda_batch_at, progress=False)
+    eager.fit(cuda_batch_at, progress=False)
+    assert compiled.compile_seconds is not None and compiled.compile_seconds > 0
+    assert compiled.task.model._compiled_call_impl is None, "after fit() the network runs eagerly again"
+    assert list(compiled.task.state_dict()) == list(eager.task.state_dict()), "compiling must not rename weights"
+    torch.testing.assert_close(compiled.task.state_dict(), eager.task.state_dict(), rtol=1e-4, atol=1e-5)
