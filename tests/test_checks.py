@@ -1,4 +1,4 @@
-"""Checkers of exercises 02-05 and 07 (autoencoder, schedules, UNet blocks, objectives, evaluation) accept a correct answer and
+"""Checkers of exercises 02-05, 07 and 08 (autoencoder, schedules, UNet blocks, objectives, evaluation, samplers) accept a correct answer and
 reject the unfilled stub and typical wrong answers with a message that says what is wrong."""
 
 import math
@@ -101,6 +101,17 @@ def cosine_without_offset(T, s=0.008, max_beta=0.999):
     return schedules.cosine_betas(T, 0.0, max_beta)
 
 
+def cosine_variant(T, s, max_beta, power=2, squash=True, inverted=False, alpha_bar=False):
+    """The cosine schedule with one typical change: cos not squared, (u + s) not divided by (1 + s), ratio inverted,
+    alpha_bar(t / T) returned for t = 1..T instead of the betas."""
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    ab = torch.cos((u + s) / ((1 + s) if squash else 1) * math.pi / 2) ** power
+    if alpha_bar:
+        return (ab / ab[0])[1:].clamp(max=max_beta)
+    ratio = ab[:-1] / ab[1:] if inverted else ab[1:] / ab[:-1]
+    return (1 - ratio).clamp(max=max_beta)
+
+
 def rescale_alpha_bar_not_sqrt(betas):
     ab = schedules.alpha_bar_from_betas(betas)
     ab = (ab - ab[-1]) * ab[0] / (ab[0] - ab[-1])
@@ -125,6 +136,22 @@ def embedding_interleaved(t, dim):
     return torch.cat([rearrange(torch.stack([e[:, :h], e[:, h:2 * h]], -1), "b h two -> b (h two)"), e[:, 2 * h:]], 1)
 
 
+def embedding_with_frequencies(t, dim, freqs):
+    half = dim // 2
+    angles = t.float()[:, None] * freqs(torch.arange(half, dtype=torch.float32), half)[None]
+    return F.pad(torch.cat([angles.cos(), angles.sin()], 1), (0, dim % 2))
+
+
+def cross_attention_scaled_by_inner(x, context, w_q, w_k, w_v, w_out, b_out, heads):
+    q, k, v = (rearrange(p, "b n (h d) -> b h n d", h=heads) for p in (x @ w_q.T, context @ w_k.T, context @ w_v.T))
+    out = (q @ k.transpose(-2, -1) / math.sqrt(w_q.shape[0])).softmax(-1) @ v
+    return rearrange(out, "b h n d -> b n (h d)") @ w_out.T + b_out
+
+
+def cross_attention_one_head(x, context, w_q, w_k, w_v, w_out, b_out, heads):
+    return cross_attention(x, context, w_q, w_k, w_v, w_out, b_out, 1)
+
+
 def cross_attention_keys_from_x(x, context, w_q, w_k, w_v, w_out, b_out, heads):
     return cross_attention(x, x, w_q, w_k, w_v, w_out, b_out, heads)
 
@@ -133,9 +160,9 @@ def cross_attention_no_bias(x, context, w_q, w_k, w_v, w_out, b_out, heads):
     return cross_attention(x, context, w_q, w_k, w_v, w_out, torch.zeros_like(b_out), heads)
 
 
-def cross_attention_wrong_head_layout(x, context, w_q, w_k, w_v, w_out, b_out, heads):
+def cross_attention_wrong_head_layout(x, context, w_q, w_k, w_v, w_out, b_out, heads, merge="(h d)"):
     q, k, v = (rearrange(p, "b n (d h) -> b h n d", h=heads) for p in (x @ w_q.T, context @ w_k.T, context @ w_v.T))
-    return rearrange(unet.attention_reference(q, k, v), "b h n d -> b n (h d)") @ w_out.T + b_out
+    return rearrange(unet.attention_reference(q, k, v), f"b h n d -> b n {merge}") @ w_out.T + b_out
 
 
 def target_v_sign_flipped(prediction, x0, eps, ab):
@@ -193,12 +220,19 @@ CHECKERS = [
         (lambda T, s, m: schedules.cosine_betas(T, s, m).float(), "float64"),
         (cosine_unclipped, "clip the betas"),
         (cosine_off_by_one, "one beta per step"),
-        (cosine_without_offset, "values are off"),
+        (cosine_without_offset, "offset s is missing"),
+        (lambda T, s, m: cosine_variant(T, s, m, power=1), "not squared"),
+        (lambda T, s, m: cosine_variant(T, s, m, squash=False), "divided by \\(1 \\+ s\\)"),
+        (lambda T, s, m: cosine_variant(T, s, m, alpha_bar=True), "this is alpha_bar"),
+        (lambda T, s, m: cosine_variant(T, s, m, inverted=True), "ratio is upside down"),
+        (lambda T, s, m: schedules.cosine_betas(T, s, m) * 0.99, "values are off"),
     ]),
     (s03.check_alpha_bar_from_betas, schedules.alpha_bar_from_betas, [
         (lambda b: torch.cumprod(b, 0), "cumulative product of the betas"),
         (lambda b: torch.prod(1 - b), "single number"),
         (lambda b: torch.cumsum(1 - b, 0), "cumulative sum"),
+        (lambda b: torch.cat([torch.ones_like(b[:1]), torch.cumprod(1 - b, 0)[:-1]]), "shifted by one step"),
+        (lambda b: torch.cumprod((1 - b).sqrt(), 0), "product of sqrt\\(1 - beta\\)"),
     ]),
     (s03.check_q_sample, q_sample, [
         (lambda x0, t, n, ab: q_sample(x0, t[:1].expand_as(t), n, ab), "timestep of the first one"),
@@ -213,6 +247,9 @@ CHECKERS = [
         (rescale_alpha_bar_not_sqrt, "shifted and scaled alpha_bar itself"),
         (rescale_shift_only, "first alpha_bar changed"),
         (lambda b: b.clone(), "ends at"),
+        (lambda b: 1 - schedules.rescale_zero_terminal_snr(b), "these are the alphas"),
+        (lambda b: schedules.alpha_bar_from_betas(schedules.rescale_zero_terminal_snr(b)).sqrt(),
+         "rescaled sqrt\\(alpha_bar\\)"),
     ]),
     (s04.check_timestep_embedding, unet.timestep_embedding, [
         (embedding_sin_first, "swapped"),
@@ -220,21 +257,35 @@ CHECKERS = [
         (lambda t, dim: unet.timestep_embedding(t, dim - dim % 2), "append one column of zeros"),
         (lambda t, dim: F.pad(unet.timestep_embedding(t, dim - dim % 2, max_period=1000.0), (0, dim % 2)),
          "values are off"),
+        (lambda t, dim: embedding_with_frequencies(t, dim, lambda i, half: torch.exp(math.log(1e4) * i / half)),
+         "the frequencies grow"),
+        (lambda t, dim: embedding_with_frequencies(t, dim, lambda i, half: torch.exp(-math.log(1e4) * i / dim)),
+         "divided by dim"),
+        (lambda t, dim: embedding_with_frequencies(t, dim, lambda i, half: torch.exp(-math.log(1e4) * i / (half - 1))),
+         "divided by half - 1"),
     ]),
     (s04.check_attention, unet.attention_reference, [
         (lambda q, k, v: (q @ k.transpose(-2, -1)).softmax(-1) @ v, "not scaled"),
         (lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-2) @ v, "weigh the 4 values"),
         (lambda q, k, v: unet.attention_reference(q, k, v).detach(), "no gradient"),
+        (lambda q, k, v: (q @ k.transpose(-2, -1) / q.shape[-1]).softmax(-1) @ v, "divided by d"),
+        (lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(v.shape[-1])).softmax(-1) @ v, "width of the values"),
+        (lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-2) @ v
+         if k.shape[-2] == 4 and q.shape[-1] == 16 else unet.attention_reference(q, k, v), "over the queries"),
     ]),
     (s04.check_split_heads, split_heads, [
         (lambda x, h: rearrange(x, "b n (d h) -> b h n d", h=h), "split as \\(d, heads\\)"),
         (lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1), "plain reshape"),
         (lambda x, h: rearrange(x, "b n (h d) -> b h n d", h=h), "raise a ValueError"),  # no check of its own
+        (lambda x, h: rearrange(x, "b n (h d) -> b n h d", h=h), "not moved in front of the tokens"),
     ]),
     (s04.check_cross_attention, cross_attention, [
         (cross_attention_keys_from_x, "raised RuntimeError"),  # context_dim != query_dim: shapes clash
         (cross_attention_no_bias, "b_out is missing"),
-        (cross_attention_wrong_head_layout, "values are off"),
+        (cross_attention_wrong_head_layout, "split into heads as \\(head_dim, heads\\)"),
+        (lambda *a: cross_attention_wrong_head_layout(*a, merge="(d h)"), "split into heads \\(and merged back\\)"),
+        (cross_attention_scaled_by_inner, "1 / sqrt\\(heads \\* head_dim\\)"),
+        (cross_attention_one_head, "not split into heads"),
         (lambda *args: cross_attention(*args).detach(), "no gradient"),
     ]),
     (s05.check_training_target, training_target, [
@@ -252,6 +303,11 @@ CHECKERS = [
         (lambda snr, gamma, p: snr.clamp(max=gamma), "weight for x0-prediction"),
         (lambda snr, gamma, p: snr.clamp(max=gamma) / snr if p == "eps" else diffusion.min_snr_weight(snr, gamma, p),
          "got NaN"),
+        (lambda snr, gamma, p: snr.clamp(min=gamma), "max\\(SNR, gamma\\)"),
+        (lambda snr, gamma, p: diffusion.min_snr_weight(snr, gamma, "eps" if p == "v" else p), "this is the eps weight"),
+        (lambda snr, gamma, p: diffusion.min_snr_weight(snr, gamma, "v" if p == "eps" else p), "this is the v weight"),
+        (lambda snr, gamma, p: gamma / snr if p == "eps" else diffusion.min_snr_weight(snr, gamma, p),
+         "without the cap at 1"),
     ]),
     (s05.check_diffusion_loss, diffusion_loss, [
         (loss_model_sees_x0, "model's input must be x_t"),
@@ -283,17 +339,23 @@ STAGE02 = [
         (lambda m, lv: 0.5 * (m**2 + (lv / 2).exp() - 1 - lv).sum((1, 2, 3)), "standard deviation"),
         (lambda m, lv: 0.5 * (m + lv.exp() - 1 - lv).sum((1, 2, 3)), "mean must enter squared"),
         (lambda m, lv: 0.4 * (m**2 + lv.exp() - 1 - lv).sum((1, 2, 3)), "values are off"),
+        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum((2, 3)), "summed over the wrong axes"),  # (B, C)
+        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum((0, 2, 3)), "summed over the wrong axes"),  # (C,)
+        (lambda m, lv: m.sum(), "returned a single number"),  # issue 14: passed the old hidden test
     ]),
     (s02.check_nearest_code, ref.nearest_code, [
         (lambda z, e: torch.cdist(rearrange(z, "b c h w -> b (h w) c"), e[None]).argmax(-1)
          .reshape(z.shape[0], *z.shape[2:]), "farthest codes"),
-        (lambda z, e: torch.cdist(rearrange(z, "b c h w -> (b h w) c"), e).argmin(-1), "expected shape"),
+        (lambda z, e: torch.cdist(rearrange(z, "b c h w -> (b h w) c"), e).argmin(-1), "reshape it back"),
+        (lambda z, e: torch.cdist(z.reshape(-1, z.shape[1]), e).argmin(-1).view(z.shape[0], *z.shape[2:]),
+         "mixes channels and positions"),
+        (lambda z, e: e[ref.nearest_code(z, e)], "not the code vectors"),
     ]),
     (s02.check_straight_through, ref.straight_through, [
         (lambda z, zq: zq, "no gradient path"),
         (lambda z, zq: z, "the output equals z"),
         (lambda z, zq: zq + (z - zq).detach(), "the output equals z"),  # detached the wrong term
-        (lambda z, zq: z + (zq - z), "backward"),  # no detach: gradient w.r.t. z vanishes
+        (lambda z, zq: z + (zq - z), "gradient w.r.t. z is zero"),  # no detach: gradient w.r.t. z vanishes
     ]),
 ]
 
@@ -445,6 +507,9 @@ STAGE07 = [
         (lambda x: (x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0)) / len(x)), "biased covariance, divided by N"),
         (lambda x: (x.mean(0), x.T @ x / (len(x) - 1)), "mean was not subtracted"),
         (lambda x: (x.mean(0), torch.cov(x)), "torch.cov of features.T"),
+        (lambda x: (x.mean(0), torch.diag(x.var(0))), "only the variances"),
+        (lambda x: (x.mean(0), (x - x.mean(1, keepdim=True)).T @ (x - x.mean(1, keepdim=True)) / (len(x) - 1)),
+         "along the wrong axis"),
         (lambda x: metrics.feature_statistics(x)[1], "return a tuple"),
         (lambda x: (x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0)) / (len(x) - 1)), "single sample.*ValueError"),
     ]),
