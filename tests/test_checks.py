@@ -717,3 +717,157 @@ def test_guard_refuses_to_check_once_a_notebook_replaced_torch(owner, attr, sour
     monkeypatch.setattr(owner, attr, in_main(source)["fake"])
     with pytest.raises(ExerciseError, match=f"{attr} was replaced by code in this notebook"):
         checks.written_here(answer, "kl_divergence")
+
+
+# ---- exercises 01 (data) and 06 (latent diffusion): correct answers and typical wrong ones -------------------------
+
+from minildm.checks import stage01 as s01
+from minildm.checks import stage06 as s06
+from minildm.data import shapes
+
+STAGES += (s01, s06)
+
+
+def count_objects(attributes):
+    return (attributes[..., 0] >= 0).sum(1)
+
+
+def class_label(attributes):
+    return attributes[:, 0, 0] * len(shapes.COLOURS) + attributes[:, 0, 1]
+
+
+def caption_of(rows, template="a {size} {colour} {shape} at the {position}", joiner=" and ", skip_absent=True):
+    return joiner.join(template.format(size=shapes.SIZES[s], colour=shapes.COLOUR_NAMES[c], shape=shapes.SHAPES[h],
+                                       position=shapes.POSITIONS[p])
+                       for h, c, s, p in rows.tolist() if h >= 0 or not skip_absent)
+
+
+def object_centre(position, image_size):
+    row, col = divmod(position, 3)
+    return (col + 0.5) / 3 * image_size, (row + 0.5) / 3 * image_size
+
+
+def class_label_by_lowest_cell(attributes):
+    cell = torch.where(attributes[..., 0] >= 0, attributes[..., 3], 99).argmin(1)
+    first = attributes[torch.arange(len(attributes)), cell]
+    return first[:, 0] * 6 + first[:, 1]
+
+
+def latent_scale_factor(z):
+    return 1.0 / z.std().item()
+
+
+def encode_latents(autoencoder, images, scale):
+    with torch.no_grad():
+        return scale * autoencoder.encode(images, sample=False).z
+
+
+def decode_latents(autoencoder, z, scale):
+    return autoencoder.decode(z / scale)
+
+
+def latent_diffusion_loss(model, autoencoder, images, t, noise, schedule, scale, mistake=None):
+    with torch.no_grad():
+        z = autoencoder.encode(images, sample=False).z
+    z0 = {"unscaled": z, "divided": z / scale}.get(mistake, scale * z)
+    out = model(schedule.q_sample(z0, t, noise), t)
+    target = z0 if mistake == "target z0" else noise
+    return (out - target).pow(2).sum() if mistake == "summed" else (out - target).pow(2).mean()
+
+
+def latent_loss_with_gradients_into_the_autoencoder(model, autoencoder, images, t, noise, schedule, scale):
+    z0 = scale * autoencoder.encode(images, sample=False).z
+    return (model(schedule.q_sample(z0, t, noise), t) - noise).pow(2).mean()
+
+
+STAGE01_06 = [
+    (s01.check_count_objects, count_objects, [
+        (lambda a: torch.full((len(a),), 3), "every image got 3"),
+        (lambda a: (a >= 0).sum((1, 2)), "4 per object"),
+        (lambda a: (a[..., 0] < 0).sum(1), "counted the absent objects"),
+        (lambda a: count_objects(a).float(), "expected int64"),
+        (lambda a: count_objects(a)[:, None], "expected shape"),
+    ]),
+    (s01.check_class_label, class_label, [
+        (lambda a: a[:, 0, 1] * 6 + a[:, 0, 0], "shape and colour are swapped"),
+        (lambda a: a[:, 0, 0], "only the shape"),
+        (class_label_by_lowest_cell, "not the one in the lowest-numbered cell"),
+        (lambda a: class_label(a[:, [2, 1, 0]]) if (a[:, 2, 0] >= 0).all() else (
+            a[torch.arange(len(a)), (a[..., 0] >= 0).sum(1) - 1] * torch.tensor([6, 1, 0, 0])).sum(1),
+         "took the last object"),
+    ]),
+    (s01.check_caption_of, caption_of, [
+        (lambda rows: caption_of(rows, skip_absent=False), "describes them"),
+        (lambda rows: caption_of(rows, "a {colour} {size} {shape} at the {position}"), "wrong order"),
+        (lambda rows: caption_of(rows, "a {size} {colour} {shape} at {position}"), "'the' is missing"),
+        (lambda rows: caption_of(rows, joiner=", "), "not commas"),
+        (lambda rows: caption_of(rows) + ".", "no full stop"),
+        (lambda rows: caption_of(rows).capitalize(), "capital letter"),
+        (lambda rows: caption_of(rows, "a {size} {colour} {shape} in the {position}"), "expected 'a large red"),
+        (lambda rows: caption_of(rows).split(), "return a str"),
+    ]),
+    (s01.check_object_centre, object_centre, [
+        (lambda p, s: object_centre(p, s)[::-1], "x and y are swapped"),
+        (lambda p, s: (p % 3 / 3 * s, p // 3 / 3 * s), "top-left corner"),
+        (lambda p, s: tuple(v / s for v in object_centre(p, s)), "multiply by image_size"),
+        (lambda p, s: object_centre(p, s)[0], "return a tuple"),
+        (lambda p, s: (object_centre(p, s)[0] + 1, object_centre(p, s)[1]), "expected \\(x, y\\)"),
+    ]),
+    (s06.check_latent_scale_factor, latent_scale_factor, [
+        (lambda z: z.std().item(), "standard deviation itself"),
+        (lambda z: 1 / z.var().item(), "1 / variance"),
+        (lambda z: 1 / z.abs().mean().item(), "mean absolute value"),
+        (lambda z: 1 / z.pow(2).mean().sqrt().item(), "root mean square"),
+        (lambda z: 1 / z.std(dim=(0, 2, 3)), "one number"),
+        (lambda z: str(1 / z.std().item()), "return a Python float"),
+        (lambda z: 1.1 / z.std().item(), "expected 1 / std"),
+    ]),
+    (s06.check_encode_latents, encode_latents, [
+        (lambda ae, x, s: encode_latents(ae, x, 1.0), "not scaled"),
+        (lambda ae, x, s: ae.encode_latents(x).detach(), "not scaled"),  # the autoencoder's own buffer (1 here)
+        (lambda ae, x, s: encode_latents(ae, x, 1 / s), "divided by the scale"),
+        (lambda ae, x, s: s * ae.encode(x).z.detach(), "posterior sample"),
+        (lambda ae, x, s: s * ae.encode(x, sample=False).z, "carry a gradient"),
+    ]),
+    (s06.check_decode_latents, decode_latents, [
+        (lambda ae, z, s: ae.decode(z * s), "multiplied by the scale again"),
+        (lambda ae, z, s: ae.decode(z), "scale was not undone"),
+        (lambda ae, z, s: ae.decode(z / s).clamp(-0.01, 0.01), "values are off"),
+    ]),
+    (s06.check_latent_diffusion_loss, latent_diffusion_loss, [
+        (lambda *a: latent_diffusion_loss(*a, mistake="unscaled"), "not scaled"),
+        (lambda *a: latent_diffusion_loss(*a, mistake="divided"), "divided by the scale"),
+        (lambda *a: latent_diffusion_loss(*a, mistake="target z0"), "target is the clean latent"),
+        (lambda *a: latent_diffusion_loss(*a, mistake="summed"), "the loss is summed"),
+        (lambda m, ae, x, t, n, s, sc: (m(x, t) - n).pow(2).mean(), "not on images"),
+        (lambda *a: latent_diffusion_loss(*a).detach(), "no gradient"),
+        (latent_loss_with_gradients_into_the_autoencoder, "gradients into the autoencoder"),
+    ]),
+]
+
+
+@pytest.mark.parametrize("checker, correct, wrong", STAGE01_06, ids=lambda x: getattr(x, "__name__", ""))
+def test_stage01_06_checkers_accept_correct_answers_and_reject_wrong_ones(checker, correct, wrong, capsys):
+    test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
+
+
+@pytest.mark.parametrize("checker, correct", [(c, answer) for c, answer, _ in STAGE01_06],
+                         ids=lambda x: getattr(x, "__name__", ""))
+def test_stage01_06_checkers_call_the_guard_first(checker, correct, real_guard):
+    with pytest.raises(ExerciseError, match="expected your own function"):
+        checker(correct)
+
+
+def test_stage01_06_checkers_leave_the_global_random_state_alone():
+    torch.manual_seed(0)
+    for checker, correct, _ in STAGE01_06:
+        checker(correct)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_stage01_reference_caption_is_the_plain_wording_of_the_grammar():
+    """The checker's reference (shapes.caption with every first choice) on a hand-made image, written out by hand."""
+    rows = torch.tensor([[0, 0, 1, 4], [5, 2, 0, 8], [-1, -1, -1, -1]])
+    assert s01.reference_caption(rows) == "a large red circle at the center and a small yellow ring at the bottom right"
