@@ -1,4 +1,4 @@
-"""Checkers of exercises 02-05 and 07 (autoencoder, schedules, UNet blocks, objectives, evaluation) accept a correct answer and
+"""Checkers of exercises 02-05, 07 and 08 (autoencoder, schedules, UNet blocks, objectives, evaluation, samplers) accept a correct answer and
 reject the unfilled stub and typical wrong answers with a message that says what is wrong."""
 
 import math
@@ -101,6 +101,17 @@ def cosine_without_offset(T, s=0.008, max_beta=0.999):
     return schedules.cosine_betas(T, 0.0, max_beta)
 
 
+def cosine_variant(T, s, max_beta, power=2, squash=True, inverted=False, alpha_bar=False):
+    """The cosine schedule with one typical change: cos not squared, (u + s) not divided by (1 + s), ratio inverted,
+    alpha_bar(t / T) returned for t = 1..T instead of the betas."""
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    ab = torch.cos((u + s) / ((1 + s) if squash else 1) * math.pi / 2) ** power
+    if alpha_bar:
+        return (ab / ab[0])[1:].clamp(max=max_beta)
+    ratio = ab[:-1] / ab[1:] if inverted else ab[1:] / ab[:-1]
+    return (1 - ratio).clamp(max=max_beta)
+
+
 def rescale_alpha_bar_not_sqrt(betas):
     ab = schedules.alpha_bar_from_betas(betas)
     ab = (ab - ab[-1]) * ab[0] / (ab[0] - ab[-1])
@@ -125,6 +136,22 @@ def embedding_interleaved(t, dim):
     return torch.cat([rearrange(torch.stack([e[:, :h], e[:, h:2 * h]], -1), "b h two -> b (h two)"), e[:, 2 * h:]], 1)
 
 
+def embedding_with_frequencies(t, dim, freqs):
+    half = dim // 2
+    angles = t.float()[:, None] * freqs(torch.arange(half, dtype=torch.float32), half)[None]
+    return F.pad(torch.cat([angles.cos(), angles.sin()], 1), (0, dim % 2))
+
+
+def cross_attention_scaled_by_inner(x, context, w_q, w_k, w_v, w_out, b_out, heads):
+    q, k, v = (rearrange(p, "b n (h d) -> b h n d", h=heads) for p in (x @ w_q.T, context @ w_k.T, context @ w_v.T))
+    out = (q @ k.transpose(-2, -1) / math.sqrt(w_q.shape[0])).softmax(-1) @ v
+    return rearrange(out, "b h n d -> b n (h d)") @ w_out.T + b_out
+
+
+def cross_attention_one_head(x, context, w_q, w_k, w_v, w_out, b_out, heads):
+    return cross_attention(x, context, w_q, w_k, w_v, w_out, b_out, 1)
+
+
 def cross_attention_keys_from_x(x, context, w_q, w_k, w_v, w_out, b_out, heads):
     return cross_attention(x, x, w_q, w_k, w_v, w_out, b_out, heads)
 
@@ -133,9 +160,9 @@ def cross_attention_no_bias(x, context, w_q, w_k, w_v, w_out, b_out, heads):
     return cross_attention(x, context, w_q, w_k, w_v, w_out, torch.zeros_like(b_out), heads)
 
 
-def cross_attention_wrong_head_layout(x, context, w_q, w_k, w_v, w_out, b_out, heads):
+def cross_attention_wrong_head_layout(x, context, w_q, w_k, w_v, w_out, b_out, heads, merge="(h d)"):
     q, k, v = (rearrange(p, "b n (d h) -> b h n d", h=heads) for p in (x @ w_q.T, context @ w_k.T, context @ w_v.T))
-    return rearrange(unet.attention_reference(q, k, v), "b h n d -> b n (h d)") @ w_out.T + b_out
+    return rearrange(unet.attention_reference(q, k, v), f"b h n d -> b n {merge}") @ w_out.T + b_out
 
 
 def target_v_sign_flipped(prediction, x0, eps, ab):
@@ -193,12 +220,19 @@ CHECKERS = [
         (lambda T, s, m: schedules.cosine_betas(T, s, m).float(), "float64"),
         (cosine_unclipped, "clip the betas"),
         (cosine_off_by_one, "one beta per step"),
-        (cosine_without_offset, "values are off"),
+        (cosine_without_offset, "offset s is missing"),
+        (lambda T, s, m: cosine_variant(T, s, m, power=1), "not squared"),
+        (lambda T, s, m: cosine_variant(T, s, m, squash=False), "divided by \\(1 \\+ s\\)"),
+        (lambda T, s, m: cosine_variant(T, s, m, alpha_bar=True), "this is alpha_bar"),
+        (lambda T, s, m: cosine_variant(T, s, m, inverted=True), "ratio is upside down"),
+        (lambda T, s, m: schedules.cosine_betas(T, s, m) * 0.99, "values are off"),
     ]),
     (s03.check_alpha_bar_from_betas, schedules.alpha_bar_from_betas, [
         (lambda b: torch.cumprod(b, 0), "cumulative product of the betas"),
         (lambda b: torch.prod(1 - b), "single number"),
         (lambda b: torch.cumsum(1 - b, 0), "cumulative sum"),
+        (lambda b: torch.cat([torch.ones_like(b[:1]), torch.cumprod(1 - b, 0)[:-1]]), "shifted by one step"),
+        (lambda b: torch.cumprod((1 - b).sqrt(), 0), "product of sqrt\\(1 - beta\\)"),
     ]),
     (s03.check_q_sample, q_sample, [
         (lambda x0, t, n, ab: q_sample(x0, t[:1].expand_as(t), n, ab), "timestep of the first one"),
@@ -213,6 +247,9 @@ CHECKERS = [
         (rescale_alpha_bar_not_sqrt, "shifted and scaled alpha_bar itself"),
         (rescale_shift_only, "first alpha_bar changed"),
         (lambda b: b.clone(), "ends at"),
+        (lambda b: 1 - schedules.rescale_zero_terminal_snr(b), "these are the alphas"),
+        (lambda b: schedules.alpha_bar_from_betas(schedules.rescale_zero_terminal_snr(b)).sqrt(),
+         "rescaled sqrt\\(alpha_bar\\)"),
     ]),
     (s04.check_timestep_embedding, unet.timestep_embedding, [
         (embedding_sin_first, "swapped"),
@@ -220,21 +257,35 @@ CHECKERS = [
         (lambda t, dim: unet.timestep_embedding(t, dim - dim % 2), "append one column of zeros"),
         (lambda t, dim: F.pad(unet.timestep_embedding(t, dim - dim % 2, max_period=1000.0), (0, dim % 2)),
          "values are off"),
+        (lambda t, dim: embedding_with_frequencies(t, dim, lambda i, half: torch.exp(math.log(1e4) * i / half)),
+         "the frequencies grow"),
+        (lambda t, dim: embedding_with_frequencies(t, dim, lambda i, half: torch.exp(-math.log(1e4) * i / dim)),
+         "divided by dim"),
+        (lambda t, dim: embedding_with_frequencies(t, dim, lambda i, half: torch.exp(-math.log(1e4) * i / (half - 1))),
+         "divided by half - 1"),
     ]),
     (s04.check_attention, unet.attention_reference, [
         (lambda q, k, v: (q @ k.transpose(-2, -1)).softmax(-1) @ v, "not scaled"),
         (lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-2) @ v, "weigh the 4 values"),
         (lambda q, k, v: unet.attention_reference(q, k, v).detach(), "no gradient"),
+        (lambda q, k, v: (q @ k.transpose(-2, -1) / q.shape[-1]).softmax(-1) @ v, "divided by d"),
+        (lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(v.shape[-1])).softmax(-1) @ v, "width of the values"),
+        (lambda q, k, v: (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-2) @ v
+         if k.shape[-2] == 4 and q.shape[-1] == 16 else unet.attention_reference(q, k, v), "over the queries"),
     ]),
     (s04.check_split_heads, split_heads, [
         (lambda x, h: rearrange(x, "b n (d h) -> b h n d", h=h), "split as \\(d, heads\\)"),
         (lambda x, h: x.reshape(x.shape[0], h, x.shape[1], -1), "plain reshape"),
         (lambda x, h: rearrange(x, "b n (h d) -> b h n d", h=h), "raise a ValueError"),  # no check of its own
+        (lambda x, h: rearrange(x, "b n (h d) -> b n h d", h=h), "not moved in front of the tokens"),
     ]),
     (s04.check_cross_attention, cross_attention, [
         (cross_attention_keys_from_x, "raised RuntimeError"),  # context_dim != query_dim: shapes clash
         (cross_attention_no_bias, "b_out is missing"),
-        (cross_attention_wrong_head_layout, "values are off"),
+        (cross_attention_wrong_head_layout, "split into heads as \\(head_dim, heads\\)"),
+        (lambda *a: cross_attention_wrong_head_layout(*a, merge="(d h)"), "split into heads \\(and merged back\\)"),
+        (cross_attention_scaled_by_inner, "1 / sqrt\\(heads \\* head_dim\\)"),
+        (cross_attention_one_head, "not split into heads"),
         (lambda *args: cross_attention(*args).detach(), "no gradient"),
     ]),
     (s05.check_training_target, training_target, [
@@ -252,6 +303,11 @@ CHECKERS = [
         (lambda snr, gamma, p: snr.clamp(max=gamma), "weight for x0-prediction"),
         (lambda snr, gamma, p: snr.clamp(max=gamma) / snr if p == "eps" else diffusion.min_snr_weight(snr, gamma, p),
          "got NaN"),
+        (lambda snr, gamma, p: snr.clamp(min=gamma), "max\\(SNR, gamma\\)"),
+        (lambda snr, gamma, p: diffusion.min_snr_weight(snr, gamma, "eps" if p == "v" else p), "this is the eps weight"),
+        (lambda snr, gamma, p: diffusion.min_snr_weight(snr, gamma, "v" if p == "eps" else p), "this is the v weight"),
+        (lambda snr, gamma, p: gamma / snr if p == "eps" else diffusion.min_snr_weight(snr, gamma, p),
+         "without the cap at 1"),
     ]),
     (s05.check_diffusion_loss, diffusion_loss, [
         (loss_model_sees_x0, "model's input must be x_t"),
@@ -283,17 +339,23 @@ STAGE02 = [
         (lambda m, lv: 0.5 * (m**2 + (lv / 2).exp() - 1 - lv).sum((1, 2, 3)), "standard deviation"),
         (lambda m, lv: 0.5 * (m + lv.exp() - 1 - lv).sum((1, 2, 3)), "mean must enter squared"),
         (lambda m, lv: 0.4 * (m**2 + lv.exp() - 1 - lv).sum((1, 2, 3)), "values are off"),
+        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum((2, 3)), "summed over the wrong axes"),  # (B, C)
+        (lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 - lv).sum((0, 2, 3)), "summed over the wrong axes"),  # (C,)
+        (lambda m, lv: m.sum(), "returned a single number"),  # issue 14: passed the old hidden test
     ]),
     (s02.check_nearest_code, ref.nearest_code, [
         (lambda z, e: torch.cdist(rearrange(z, "b c h w -> b (h w) c"), e[None]).argmax(-1)
          .reshape(z.shape[0], *z.shape[2:]), "farthest codes"),
-        (lambda z, e: torch.cdist(rearrange(z, "b c h w -> (b h w) c"), e).argmin(-1), "expected shape"),
+        (lambda z, e: torch.cdist(rearrange(z, "b c h w -> (b h w) c"), e).argmin(-1), "reshape it back"),
+        (lambda z, e: torch.cdist(z.reshape(-1, z.shape[1]), e).argmin(-1).view(z.shape[0], *z.shape[2:]),
+         "mixes channels and positions"),
+        (lambda z, e: e[ref.nearest_code(z, e)], "not the code vectors"),
     ]),
     (s02.check_straight_through, ref.straight_through, [
         (lambda z, zq: zq, "no gradient path"),
         (lambda z, zq: z, "the output equals z"),
         (lambda z, zq: zq + (z - zq).detach(), "the output equals z"),  # detached the wrong term
-        (lambda z, zq: z + (zq - z), "backward"),  # no detach: gradient w.r.t. z vanishes
+        (lambda z, zq: z + (zq - z), "gradient w.r.t. z is zero"),  # no detach: gradient w.r.t. z vanishes
     ]),
 ]
 
@@ -445,6 +507,9 @@ STAGE07 = [
         (lambda x: (x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0)) / len(x)), "biased covariance, divided by N"),
         (lambda x: (x.mean(0), x.T @ x / (len(x) - 1)), "mean was not subtracted"),
         (lambda x: (x.mean(0), torch.cov(x)), "torch.cov of features.T"),
+        (lambda x: (x.mean(0), torch.diag(x.var(0))), "only the variances"),
+        (lambda x: (x.mean(0), (x - x.mean(1, keepdim=True)).T @ (x - x.mean(1, keepdim=True)) / (len(x) - 1)),
+         "along the wrong axis"),
         (lambda x: metrics.feature_statistics(x)[1], "return a tuple"),
         (lambda x: (x.mean(0), (x - x.mean(0)).T @ (x - x.mean(0)) / (len(x) - 1)), "single sample.*ValueError"),
     ]),
@@ -652,3 +717,157 @@ def test_guard_refuses_to_check_once_a_notebook_replaced_torch(owner, attr, sour
     monkeypatch.setattr(owner, attr, in_main(source)["fake"])
     with pytest.raises(ExerciseError, match=f"{attr} was replaced by code in this notebook"):
         checks.written_here(answer, "kl_divergence")
+
+
+# ---- exercises 01 (data) and 06 (latent diffusion): correct answers and typical wrong ones -------------------------
+
+from minildm.checks import stage01 as s01
+from minildm.checks import stage06 as s06
+from minildm.data import shapes
+
+STAGES += (s01, s06)
+
+
+def count_objects(attributes):
+    return (attributes[..., 0] >= 0).sum(1)
+
+
+def class_label(attributes):
+    return attributes[:, 0, 0] * len(shapes.COLOURS) + attributes[:, 0, 1]
+
+
+def caption_of(rows, template="a {size} {colour} {shape} at the {position}", joiner=" and ", skip_absent=True):
+    return joiner.join(template.format(size=shapes.SIZES[s], colour=shapes.COLOUR_NAMES[c], shape=shapes.SHAPES[h],
+                                       position=shapes.POSITIONS[p])
+                       for h, c, s, p in rows.tolist() if h >= 0 or not skip_absent)
+
+
+def object_centre(position, image_size):
+    row, col = divmod(position, 3)
+    return (col + 0.5) / 3 * image_size, (row + 0.5) / 3 * image_size
+
+
+def class_label_by_lowest_cell(attributes):
+    cell = torch.where(attributes[..., 0] >= 0, attributes[..., 3], 99).argmin(1)
+    first = attributes[torch.arange(len(attributes)), cell]
+    return first[:, 0] * 6 + first[:, 1]
+
+
+def latent_scale_factor(z):
+    return 1.0 / z.std().item()
+
+
+def encode_latents(autoencoder, images, scale):
+    with torch.no_grad():
+        return scale * autoencoder.encode(images, sample=False).z
+
+
+def decode_latents(autoencoder, z, scale):
+    return autoencoder.decode(z / scale)
+
+
+def latent_diffusion_loss(model, autoencoder, images, t, noise, schedule, scale, mistake=None):
+    with torch.no_grad():
+        z = autoencoder.encode(images, sample=False).z
+    z0 = {"unscaled": z, "divided": z / scale}.get(mistake, scale * z)
+    out = model(schedule.q_sample(z0, t, noise), t)
+    target = z0 if mistake == "target z0" else noise
+    return (out - target).pow(2).sum() if mistake == "summed" else (out - target).pow(2).mean()
+
+
+def latent_loss_with_gradients_into_the_autoencoder(model, autoencoder, images, t, noise, schedule, scale):
+    z0 = scale * autoencoder.encode(images, sample=False).z
+    return (model(schedule.q_sample(z0, t, noise), t) - noise).pow(2).mean()
+
+
+STAGE01_06 = [
+    (s01.check_count_objects, count_objects, [
+        (lambda a: torch.full((len(a),), 3), "every image got 3"),
+        (lambda a: (a >= 0).sum((1, 2)), "4 per object"),
+        (lambda a: (a[..., 0] < 0).sum(1), "counted the absent objects"),
+        (lambda a: count_objects(a).float(), "expected int64"),
+        (lambda a: count_objects(a)[:, None], "expected shape"),
+    ]),
+    (s01.check_class_label, class_label, [
+        (lambda a: a[:, 0, 1] * 6 + a[:, 0, 0], "shape and colour are swapped"),
+        (lambda a: a[:, 0, 0], "only the shape"),
+        (class_label_by_lowest_cell, "not the one in the lowest-numbered cell"),
+        (lambda a: class_label(a[:, [2, 1, 0]]) if (a[:, 2, 0] >= 0).all() else (
+            a[torch.arange(len(a)), (a[..., 0] >= 0).sum(1) - 1] * torch.tensor([6, 1, 0, 0])).sum(1),
+         "took the last object"),
+    ]),
+    (s01.check_caption_of, caption_of, [
+        (lambda rows: caption_of(rows, skip_absent=False), "describes them"),
+        (lambda rows: caption_of(rows, "a {colour} {size} {shape} at the {position}"), "wrong order"),
+        (lambda rows: caption_of(rows, "a {size} {colour} {shape} at {position}"), "'the' is missing"),
+        (lambda rows: caption_of(rows, joiner=", "), "not commas"),
+        (lambda rows: caption_of(rows) + ".", "no full stop"),
+        (lambda rows: caption_of(rows).capitalize(), "capital letter"),
+        (lambda rows: caption_of(rows, "a {size} {colour} {shape} in the {position}"), "expected 'a large red"),
+        (lambda rows: caption_of(rows).split(), "return a str"),
+    ]),
+    (s01.check_object_centre, object_centre, [
+        (lambda p, s: object_centre(p, s)[::-1], "x and y are swapped"),
+        (lambda p, s: (p % 3 / 3 * s, p // 3 / 3 * s), "top-left corner"),
+        (lambda p, s: tuple(v / s for v in object_centre(p, s)), "multiply by image_size"),
+        (lambda p, s: object_centre(p, s)[0], "return a tuple"),
+        (lambda p, s: (object_centre(p, s)[0] + 1, object_centre(p, s)[1]), "expected \\(x, y\\)"),
+    ]),
+    (s06.check_latent_scale_factor, latent_scale_factor, [
+        (lambda z: z.std().item(), "standard deviation itself"),
+        (lambda z: 1 / z.var().item(), "1 / variance"),
+        (lambda z: 1 / z.abs().mean().item(), "mean absolute value"),
+        (lambda z: 1 / z.pow(2).mean().sqrt().item(), "root mean square"),
+        (lambda z: 1 / z.std(dim=(0, 2, 3)), "one number"),
+        (lambda z: str(1 / z.std().item()), "return a Python float"),
+        (lambda z: 1.1 / z.std().item(), "expected 1 / std"),
+    ]),
+    (s06.check_encode_latents, encode_latents, [
+        (lambda ae, x, s: encode_latents(ae, x, 1.0), "not scaled"),
+        (lambda ae, x, s: ae.encode_latents(x).detach(), "not scaled"),  # the autoencoder's own buffer (1 here)
+        (lambda ae, x, s: encode_latents(ae, x, 1 / s), "divided by the scale"),
+        (lambda ae, x, s: s * ae.encode(x).z.detach(), "posterior sample"),
+        (lambda ae, x, s: s * ae.encode(x, sample=False).z, "carry a gradient"),
+    ]),
+    (s06.check_decode_latents, decode_latents, [
+        (lambda ae, z, s: ae.decode(z * s), "multiplied by the scale again"),
+        (lambda ae, z, s: ae.decode(z), "scale was not undone"),
+        (lambda ae, z, s: ae.decode(z / s).clamp(-0.01, 0.01), "values are off"),
+    ]),
+    (s06.check_latent_diffusion_loss, latent_diffusion_loss, [
+        (lambda *a: latent_diffusion_loss(*a, mistake="unscaled"), "not scaled"),
+        (lambda *a: latent_diffusion_loss(*a, mistake="divided"), "divided by the scale"),
+        (lambda *a: latent_diffusion_loss(*a, mistake="target z0"), "target is the clean latent"),
+        (lambda *a: latent_diffusion_loss(*a, mistake="summed"), "the loss is summed"),
+        (lambda m, ae, x, t, n, s, sc: (m(x, t) - n).pow(2).mean(), "not on images"),
+        (lambda *a: latent_diffusion_loss(*a).detach(), "no gradient"),
+        (latent_loss_with_gradients_into_the_autoencoder, "gradients into the autoencoder"),
+    ]),
+]
+
+
+@pytest.mark.parametrize("checker, correct, wrong", STAGE01_06, ids=lambda x: getattr(x, "__name__", ""))
+def test_stage01_06_checkers_accept_correct_answers_and_reject_wrong_ones(checker, correct, wrong, capsys):
+    test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
+
+
+@pytest.mark.parametrize("checker, correct", [(c, answer) for c, answer, _ in STAGE01_06],
+                         ids=lambda x: getattr(x, "__name__", ""))
+def test_stage01_06_checkers_call_the_guard_first(checker, correct, real_guard):
+    with pytest.raises(ExerciseError, match="expected your own function"):
+        checker(correct)
+
+
+def test_stage01_06_checkers_leave_the_global_random_state_alone():
+    torch.manual_seed(0)
+    for checker, correct, _ in STAGE01_06:
+        checker(correct)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_stage01_reference_caption_is_the_plain_wording_of_the_grammar():
+    """The checker's reference (shapes.caption with every first choice) on a hand-made image, written out by hand."""
+    rows = torch.tensor([[0, 0, 1, 4], [5, 2, 0, 8], [-1, -1, -1, -1]])
+    assert s01.reference_caption(rows) == "a large red circle at the center and a small yellow ring at the bottom right"

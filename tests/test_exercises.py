@@ -58,10 +58,12 @@ def test_solutions_pass_and_unfilled_exercises_fail(assignment):
         assert "Success! The notebook does not pass any tests." in result.stdout, result.stdout[-3000:]
 
 
-def test_grade_command_scores_solved_and_unfilled_submissions(tmp_path, capsys):
+@pytest.mark.parametrize("assignment, points, first_task", [("ex02-autoencoder", 8, "test_reparameterize"),
+                                                             ("ex01-data", 5, "test_count_objects"),
+                                                             ("ex06-latent", 6, "test_latent_scale_factor")])
+def test_grade_command_scores_solved_and_unfilled_submissions(assignment, points, first_task, tmp_path, capsys):
     from minildm.cli import main
 
-    assignment = "ex02-autoencoder"
     for folder in ("solutions", "exercises"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     shutil.copy(ROOT / "nbgrader_config.py", tmp_path)
@@ -71,5 +73,5 @@ def test_grade_command_scores_solved_and_unfilled_submissions(tmp_path, capsys):
     assert main(["grade", assignment, "--course", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     table = {line.split()[0]: line.split() for line in lines if line.startswith(("alice", "bob"))}
-    assert table["alice"][-1] == "8/8" and table["bob"][-1] == "0/8", lines
-    assert "test_reparameterize" in lines[-3]
+    assert table["alice"][-1] == f"{points}/{points}" and table["bob"][-1] == f"0/{points}", lines
+    assert first_task in lines[-3]

@@ -50,10 +50,14 @@ def check_kl_divergence(fn) -> None:
     name = "kl_divergence"
     written_here(fn, name)
 
-    def one_per_sample(got, batch: int) -> None:  # the most common mistake first, before any generic check
+    def one_per_sample(got, batch: int) -> None:  # the most common mistakes first, before any generic check
         if isinstance(got, torch.Tensor) and got.ndim == 0:
             raise ExerciseError(f"{name}: returned a single number; return one KL per sample, shape (B,) = "
                                 f"({batch},): sum over dims (1, 2, 3) only.")
+        if isinstance(got, torch.Tensor) and got.shape != (batch,):
+            raise ExerciseError(f"{name}: got shape {tuple(got.shape)}: the KL was summed over the wrong axes. "
+                                f"Sum over channels, height and width, dims (1, 2, 3), and keep the batch: shape "
+                                f"({batch},).")
 
     zeros = torch.zeros(3, 2, 4, 4)
     got = call(fn, name, zeros, zeros)
@@ -87,9 +91,21 @@ def check_nearest_code(fn) -> None:
     def check(z, codebook, expected, case: str) -> None:
         got = call(fn, name, z, codebook)
         b, c, h, w = z.shape
+        if isinstance(got, torch.Tensor) and got.shape == (b * h * w,):
+            raise ExerciseError(f"{name} ({case}): got shape {tuple(got.shape)}, one index per latent vector but "
+                                f"flat; reshape it back to (B, H, W) = {(b, h, w)}.")
+        if isinstance(got, torch.Tensor) and got.is_floating_point():
+            raise ExerciseError(f"{name} ({case}): got a {got.dtype} tensor of shape {tuple(got.shape)}; return the "
+                                "indices of the codes (int64, from argmin), not the code vectors themselves.")
         distances = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, c), codebook)  # (B*H*W, K)
-        known_mistake(got, {"these are the indices of the farthest codes: take the argmin of the distances, "
-                            "not the argmax.": distances.argmax(dim=1).view(b, h, w)}, name, case)
+        mixed = torch.cdist(z.reshape(-1, c), codebook)  # z flattened without moving channels last
+        known_mistake(got, {
+            "these are the indices of the farthest codes: take the argmin of the distances, not the argmax.":
+                distances.argmax(dim=1).view(b, h, w),
+            "z.reshape(-1, C) on a (B, C, H, W) tensor mixes channels and positions: move the channels last first "
+            "(z.permute(0, 2, 3, 1) or rearrange 'b c h w -> (b h w) c'), then flatten.":
+                mixed.argmin(dim=1).view(b, h, w),
+        }, name, case)
         expect_tensor(got, expected, name, case)
 
     codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -121,5 +137,8 @@ def check_straight_through(fn) -> None:
     if not out.requires_grad:
         raise ExerciseError(f"{name}: the output has no gradient path to z; write z + (z_q - z).detach().")
     (out * weights).sum().backward()
+    if z.grad is None or not z.grad.any():
+        raise ExerciseError(f"{name} (backward): the gradient w.r.t. z is zero: without .detach() the two z terms "
+                            "of z + (z_q - z) cancel in the backward pass as well; detach (z_q - z).")
     expect_tensor(z.grad, weights, name, "backward: the gradient w.r.t. z must be the incoming gradient, unchanged")
     passed(name, "forward gives z_q, backward copies the gradient to z")

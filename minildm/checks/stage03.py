@@ -19,6 +19,31 @@ def _expect_float64(got, name: str, case: str) -> None:
                             "tables computed once in double precision: create them with dtype=torch.float64.")
 
 
+def _cosine_mistakes(T: int, s: float, max_beta: float) -> dict[str, torch.Tensor]:
+    """message -> the (clipped) betas a typical wrong cosine schedule gives."""
+    u = torch.arange(T + 1, dtype=torch.float64) / T  # u = t / T for t = 0..T
+
+    def f(u, shift=s, squash=1 + s, power=2):
+        return torch.cos((u + shift) / squash * torch.pi / 2) ** power
+
+    def betas(ab):
+        return (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+
+    ab = f(u) / f(torch.zeros((), dtype=torch.float64))
+    return {
+        "the offset s is missing: f(u) = cos^2((u + s) / (1 + s) * pi / 2); without it the first betas are "
+        "nearly 0.": betas(f(u, 0.0, 1.0) / f(torch.zeros((), dtype=torch.float64), 0.0, 1.0)),
+        "the cosine is not squared: f(u) = cos^2((u + s) / (1 + s) * pi / 2).":
+            betas(f(u, power=1) / f(torch.zeros((), dtype=torch.float64), power=1)),
+        "(u + s) must be divided by (1 + s), so that f(1) = cos^2(pi / 2) = 0 at the last step.":
+            betas(f(u, squash=1.0) / f(torch.zeros((), dtype=torch.float64), squash=1.0)),
+        "this is alpha_bar(t / T), not the betas: beta_t = 1 - alpha_bar((t + 1) / T) / alpha_bar(t / T).":
+            ab[1:].clamp(max=max_beta),
+        "the ratio is upside down (betas come out negative): beta_t = 1 - alpha_bar((t + 1) / T) / "
+        "alpha_bar(t / T), the next value over the current one.": (1 - ab[:-1] / ab[1:]).clamp(max=max_beta),
+    }
+
+
 def check_cosine_betas(fn) -> None:
     """fn(T, s, max_beta) -> (T,) float64 betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17)."""
     name = "cosine_betas"
@@ -31,6 +56,7 @@ def check_cosine_betas(fn) -> None:
         if isinstance(got, torch.Tensor) and got.shape != expected.shape:
             raise ExerciseError(f"{name} ({case}): expected shape ({T},), got {tuple(got.shape)}: one beta per "
                                 f"step, from the T+1 values alpha_bar(u) at u = 0, 1/T, ..., 1.")
+        known_mistake(got, _cosine_mistakes(T, s, max_beta), name, case, expected)
         if isinstance(got, torch.Tensor) and got.max() > max_beta + 1e-12:
             raise ExerciseError(f"{name} ({case}): the largest beta is {got.max().item():.6g} > max_beta = "
                                 f"{max_beta}; clip the betas with .clamp(max=max_beta).")
@@ -53,6 +79,11 @@ def check_alpha_bar_from_betas(fn) -> None:
             "at each step, and alpha_bar_t multiplies those.": torch.cumprod(betas, 0),
             "this is the cumulative sum of (1 - beta); alpha_bar is a product, because each step scales the "
             "signal by sqrt(1 - beta_t).": torch.cumsum(1 - betas, 0),
+            "the product is shifted by one step (it starts at 1): alpha_bar_0 = 1 - beta_0 already includes the "
+            "first step; take torch.cumprod(1 - betas, 0) as it is.":
+                torch.cat([torch.ones_like(betas[:1]), torch.cumprod(1 - betas, 0)[:-1]]),
+            "this is the cumulative product of sqrt(1 - beta), the coefficient sqrt(alpha_bar) of x0; alpha_bar "
+            "itself is the product of (1 - beta), without the square root.": torch.cumprod((1 - betas).sqrt(), 0),
         }, name, case)
         if isinstance(got, torch.Tensor) and got.ndim == 0:
             raise ExerciseError(f"{name} ({case}): returned a single number; return one alpha_bar per step, "
@@ -140,7 +171,11 @@ def check_rescale_zero_terminal_snr(fn) -> None:
                                  "ratios alpha_bar_t / alpha_bar_{t-1}.": ref.alpha_bar_from_betas(expected),
                                  "you shifted and scaled alpha_bar itself; Lin et al. shift and scale "
                                  "sqrt(alpha_bar) (the coefficient of x0 in x_t), then square it.":
-                                     _rescaled_without_sqrt(ab)},
+                                     _rescaled_without_sqrt(ab),
+                                 "these are the alphas alpha_bar_t / alpha_bar_{t-1}; the betas are 1 - alphas.":
+                                     1 - expected,
+                                 "this is the rescaled sqrt(alpha_bar); square it, then read the betas back from "
+                                 "the ratios of consecutive alpha_bars.": ref.alpha_bar_from_betas(expected).sqrt()},
                            name, case)
             new_ab = ref.alpha_bar_from_betas(got.double())
             if abs(new_ab[-1].item()) > 1e-10:

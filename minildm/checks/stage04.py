@@ -4,6 +4,8 @@ References: minildm.unet (timestep_embedding, attention_reference, Attention).""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange
 
@@ -33,12 +35,24 @@ def check_timestep_embedding(fn) -> None:
         half = dim // 2
         cos, sin = expected[:, :half], expected[:, half:2 * half]
         pad = expected[:, 2 * half:]
+        i = torch.arange(half, dtype=torch.float32)
+
+        def at(freqs, t=t, pad=pad):  # the embedding with other frequencies
+            angles = t.float()[:, None] * freqs[None, :]
+            return torch.cat([angles.cos(), angles.sin(), pad], 1)
+
         known_mistake(got, {
             "the sin and cos halves are swapped: the package (and this exercise) puts the cosines first.":
                 torch.cat([sin, cos, pad], 1),
             "cos and sin are interleaved (cos, sin, cos, sin, ...); put all cosines first, then all sines.":
                 torch.cat([rearrange(torch.stack([cos, sin], -1), "b h two -> b (h two)"), pad], 1),
-        }, name, case)
+            "the frequencies grow: f_i = exp(-ln(10000) i / half) runs from 1 down to about 1/10000; the minus "
+            "sign is missing.": at(torch.exp(math.log(10000.0) * i / half)),
+            "the exponent is divided by dim; divide by half = dim // 2 (one frequency per cos/sin pair): "
+            "f_i = exp(-ln(10000) i / half).": at(torch.exp(-math.log(10000.0) * i / dim)),
+            "the exponent is divided by half - 1; this exercise (like the package) divides by half: "
+            "f_i = exp(-ln(10000) i / half).": at(torch.exp(-math.log(10000.0) * i / max(half - 1, 1))),
+        }, name, case, expected)
         if isinstance(got, torch.Tensor) and dim % 2 and got.shape == (len(t), dim - 1):
             raise ExerciseError(f"{name} ({case}): expected shape {(len(t), dim)}, got {tuple(got.shape)}: "
                                 "for an odd dim, append one column of zeros (e.g. torch.nn.functional.pad).")
@@ -73,6 +87,10 @@ def check_attention(fn) -> None:
             "the scores are not scaled: divide q k^T by sqrt(d), d = q.shape[-1] (Vaswani et al. 2017, eq. 1).":
                 scores.softmax(-1) @ v,
             "the scores are divided by d; the scale is 1 / sqrt(d).": (scores / 16).softmax(-1) @ v,
+            "the softmax runs over the queries (dim -2); each query's weights over the keys must sum to 1: "
+            "softmax over the last axis of q k^T.": (scores / 4).softmax(-2) @ v,
+            "the scale uses the width of the values, dv = v.shape[-1]; it is 1 / sqrt(d) with d = q.shape[-1], "
+            "the width of the dot products.": (scores / 6**0.5).softmax(-1) @ v,
         }, name, case)
         expect_tensor(got, ref.attention_reference(q, k, v), name, case)
     q, k, v = _qkv(3, requires_grad=True)
@@ -105,6 +123,8 @@ def check_split_heads(fn) -> None:
                 rearrange(x, "b n (d h) -> b h n d", h=heads),
             "a plain reshape to (B, heads, N, d) mixes tokens and channels; split the channel axis into "
             "(heads, d) first, then move heads in front of N.": x.reshape(2, heads, 3, d),
+            "the heads were split off but not moved in front of the tokens: (B, N, heads, d) must become "
+            "(B, heads, N, d).": rearrange(x, "b n (h d) -> b n h d", h=heads),
         } if heads > 1 else {}, name, case)
         expect_tensor(got, rearrange(x, "b n (h d) -> b h n d", h=heads), name, case)
     expect_value_error(fn, name, "10 channels, 3 heads", torch.zeros(1, 2, 10), 3,
@@ -125,6 +145,17 @@ def _weights(layer: ref.Attention):
     return layer.to_q.weight, layer.to_k.weight, layer.to_v.weight, layer.to_out.weight, layer.to_out.bias
 
 
+def _cross_attention_variant(x, context, w_q, w_k, w_v, w_out, b_out, heads, scale_width=None, split="(h d)",
+                             merge="(h d)"):
+    """Cross-attention with one typical change: scores scaled by 1/sqrt(scale_width) instead of 1/sqrt(head width),
+    or the channels split into heads (and merged back) in another layout ("(d h)")."""
+    q, k, v = (rearrange(p, f"b n {split} -> b h n d", h=heads)
+               for p in (x @ w_q.T, context @ w_k.T, context @ w_v.T))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(scale_width or q.shape[-1])
+    out = rearrange(scores.softmax(-1) @ v, f"b h n d -> b n {merge}")
+    return out @ w_out.T + b_out
+
+
 def check_cross_attention(fn) -> None:
     """fn(x (B, N, query_dim), context (B, L, context_dim), w_q, w_k, w_v, w_out, b_out, heads) -> (B, N, query_dim),
     the same map as minildm.unet.Attention with those weights."""
@@ -141,12 +172,27 @@ def check_cross_attention(fn) -> None:
         x, context = torch.randn(2, n, query_dim, generator=g), torch.randn(2, length, context_dim, generator=g)
         with torch.no_grad():
             got = run(fn, name, case, x, context, *_weights(layer), heads, hint=hint)
+            weights = _weights(layer)
             mistakes = {"the output bias b_out is missing: the output projection is x @ w_out.T + b_out.":
-                        layer(x, context) - layer.to_out.bias}
+                        layer(x, context) - layer.to_out.bias,
+                        "the scores were scaled by 1 / sqrt(heads * head_dim), the width of all heads together; "
+                        "each head is its own attention of width head_dim: scale by 1 / sqrt(head_dim).":
+                        _cross_attention_variant(x, context, *weights, heads, scale_width=heads * head_dim),
+                        "the channels were split into heads as (head_dim, heads); the projections group them as "
+                        "(heads, head_dim): rearrange 'b n (h d) -> b h n d', and back the same way.":
+                        _cross_attention_variant(x, context, *weights, heads, split="(d h)"),
+                        "the channels were split into heads (and merged back) as (head_dim, heads); the "
+                        "projections group them as (heads, head_dim): rearrange 'b n (h d) -> b h n d' and "
+                        "'b h n d -> b n (h d)'.":
+                        _cross_attention_variant(x, context, *weights, heads, split="(d h)", merge="(d h)")}
+            if heads > 1:
+                mistakes["the channels were not split into heads: one attention over all heads * head_dim "
+                         "channels is not `heads` attentions of width head_dim."] = _cross_attention_variant(
+                    x, context, *weights, 1)
             if context_dim == query_dim:
                 mistakes["keys and values were computed from x: in cross-attention they come from the "
                          "context (the conditioning sequence), only the queries come from x."] = layer(x)
-        known_mistake(got, mistakes, name, case)
+        known_mistake(got, mistakes, name, case, layer(x, context).detach())
         expect_tensor(got, layer(x, context).detach(), name, case, atol=1e-5)
 
     layer = _layer(1, 12, 10, 3, 4)

@@ -122,12 +122,22 @@ def check_min_snr_weight(fn) -> None:
         for prediction in ref.PREDICTIONS:
             case = f"prediction={prediction!r}, gamma={gamma}, SNR={[f'{s:.3g}' for s in snr.tolist()]}"
             got = run(fn, name, case, snr, gamma, prediction)
-            known_mistake(got, {
-                f"this is min(SNR, gamma), the weight for x0-prediction; for {prediction!r} divide it by the "
-                f"factor between the errors ({'SNR' if prediction == 'eps' else 'SNR + 1'}).":
-                    snr.clamp(max=gamma),
-            } if prediction != "x0" else {}, name, case)
-            expect_tensor(got, ref.min_snr_weight(snr, gamma, prediction), name, case)
+            x0_weight = snr.clamp(max=gamma)
+            mistakes = {"this is max(SNR, gamma); min-SNR caps the weight: min(SNR, gamma).": snr.clamp(min=gamma)}
+            if prediction != "x0":
+                mistakes[f"this is min(SNR, gamma), the weight for x0-prediction; for {prediction!r} divide it by "
+                         f"the factor between the errors ({'SNR' if prediction == 'eps' else 'SNR + 1'})."] = x0_weight
+            if prediction == "v":
+                mistakes["this is the eps weight min(SNR, gamma) / SNR; v's error is (SNR + 1) times the x0 error: "
+                         "divide by SNR + 1."] = (gamma / snr).clamp(max=1)
+            if prediction == "eps":
+                mistakes["this is the v weight min(SNR, gamma) / (SNR + 1); eps's error is SNR times the x0 "
+                         "error: divide by SNR."] = x0_weight / (snr + 1)
+                mistakes["gamma / SNR without the cap at 1: the eps weight is min(SNR, gamma) / SNR = "
+                         "min(1, gamma / SNR)."] = gamma / snr
+            want = ref.min_snr_weight(snr, gamma, prediction)
+            known_mistake(got, mistakes, name, case, want)
+            expect_tensor(got, want, name, case)
     zero = torch.tensor([0.0, 1.0])
     got = run(fn, name, "eps at SNR = 0", zero, 5.0, "eps")
     if isinstance(got, torch.Tensor) and not torch.isfinite(got).all():

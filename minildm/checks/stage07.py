@@ -85,7 +85,12 @@ def check_feature_statistics(fn) -> None:
             "this is the biased covariance, divided by N; the unbiased estimate divides by N - 1 (one degree of "
             "freedom went into the mean).": (x64 - mu).T @ (x64 - mu) / n,
             "the mean was not subtracted: cov = (x - mu)^T (x - mu) / (N - 1).": x64.T @ x64 / (n - 1),
-        }, name, case)
+            "only the variances: the covariance matrix also holds the covariances between features off its "
+            "diagonal, (x - mu)^T (x - mu) / (N - 1).": torch.diag(x64.var(0)),
+            "the mean was subtracted along the wrong axis (per sample, over the features); subtract the mean over "
+            "the samples, features.mean(0).": (x64 - x64.mean(1, keepdim=True)).T
+                @ (x64 - x64.mean(1, keepdim=True)) / (n - 1),
+        }, name, case, cov.double())
         expect_tensor(got[0], mu, name, case + ": mu", atol=1e-5)
         expect_tensor(got[1], cov, name, case + ": cov", atol=1e-5)
     expect_value_error(fn, name, "a single sample", torch.ones(1, 3),
