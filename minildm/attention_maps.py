@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minildm.device import autocast_off
 from minildm.pipeline import generate
 from minildm.unet import SpatialTransformer, TransformerBlock, attention_probs
 
@@ -77,10 +78,11 @@ class CrossAttentionRecorder:
         mask = args[2] if len(args) > 2 else kwargs.get("key_mask")  # (B, L) bool, True = a real token
         if attn is self.first:
             self._calls += 1
-        with torch.no_grad():  # the layer's own q and k, as in Attention.forward
+        with torch.no_grad():  # the layer's own q and k (in the layer's precision), as in Attention.forward
             q = rearrange(attn.to_q(x), "b n (h d) -> b h n d", h=attn.heads).float()
             k = rearrange(attn.to_k(context), "b l (h d) -> b h l d", h=attn.heads).float()
-            probs = attention_probs(q, k, None if mask is None else rearrange(mask, "b l -> b 1 1 l"))
+            with autocast_off(x.device):  # the weights themselves in float32, also under bf16 autocast
+                probs = attention_probs(q, k, None if mask is None else rearrange(mask, "b l -> b 1 1 l"))
             hh, ww = self._size
             probs = rearrange(probs.mean(1), "b (h w) l -> b l h w", h=hh, w=ww)  # mean over heads
         self.records.append(AttentionRecord(self._names[attn], self._calls - 1, (hh, ww), probs))

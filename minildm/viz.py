@@ -114,6 +114,31 @@ def message_figure(text: str, width: float = 6.0):
     return fig
 
 
+def show_attention(image: torch.Tensor, maps: torch.Tensor, tokens: list[str], title: str | None = None,
+                   skip: tuple[str, ...] = ("<bos>", "<eos>"), scale: float = 1.35):
+    """One image (3, H, W) and, for each of its caption's tokens, where the image attended to it: `maps` (L, H, W)
+    (e.g. from `attention_maps.cross_attention_maps`, aligned with `tokens`) over the image in grey, each map
+    scaled to its own maximum. Under each token: its mean weight over the image (the maps sum to 1 over the
+    tokens at every pixel, so this is the token's share of the attention). Returns the figure."""
+    shown = [(j, token) for j, token in enumerate(tokens) if token not in skip]
+    fig, axes = plt.subplots(1, len(shown) + 1, figsize=(scale * (len(shown) + 1), scale * 1.25), squeeze=False)
+    picture = to_numpy_image(image[None], nrow=1, padding=0)
+    axes[0, 0].imshow(picture)
+    axes[0, 0].set_title("sample", fontsize=7)
+    grey = picture.mean(-1)
+    for ax, (j, token) in zip(axes[0, 1:], shown):
+        m = maps[j].float().cpu()
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+        ax.imshow((m / m.max().clamp(min=1e-12)).numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=1)
+        ax.set_title(f"{token}\n{m.mean().item():.2f}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def show_readings(images: torch.Tensor, reads: torch.Tensor, attributes: torch.Tensor | None = None,
                   captions: list[str] | None = None, ncol: int = 8, title: str | None = None, scale: float = 1.9,
                   row_names: list[str] | None = None):
