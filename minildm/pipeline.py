@@ -28,9 +28,9 @@ from minildm.ema import EMA
 from minildm.judge import ShapesJudge, caption_accuracy
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import frechet_distance, kid, psnr
-from minildm.samplers import DEFAULT_STEPS, sample
+from minildm.samplers import DEFAULT_STEPS, check_guidance, sample
 from minildm.schedules import NoiseSchedule
-from minildm.text import TextConfig, WordTokenizer
+from minildm.text import TextConfig, WordTokenizer, check_prompts
 from minildm.train import Trainer
 from minildm.unet import UNetConfig
 
@@ -264,7 +264,13 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
     (default: DDPM through all T steps; e.g. sampler="dpmpp_2m", steps=20); decode latents if an autoencoder is
     given. Returns images (B, 3, H, W) in [-1, 1] (and the trajectory if asked).
     On CUDA the denoiser runs as a recorded CUDA graph (`device.cuda_graphed`; cuda_graph=False turns it off):
-    same numbers, several times fewer seconds, since eager sampling at small batches is launch-bound."""
+    same numbers, several times fewer seconds, since eager sampling at small batches is launch-bound.
+    Bad input (`text.check_prompts`, `samplers.check_guidance`): a caption with words the model never saw, or one
+    longer than the text encoder reads, is an error; an empty caption draws from the unconditional model, with a
+    warning; guidance_scale must be >= 1 (the empty caption "" is the way to ignore the caption)."""
+    check_guidance(guidance_scale)
+    if isinstance(denoiser, Denoiser):
+        captions = check_prompts(denoiser.tokenizer, captions, max_length=denoiser.text_cfg.max_length)
     denoiser.eval()
     schedule.to(runtime.device)
     context = denoiser.tokenize(captions)  # (B, L) token ids: the denoiser encodes them at every step

@@ -75,6 +75,19 @@ def model_output(model, x, t, context=None, guidance_scale: float = 1.0, uncond_
     return out_u + guidance_scale * (out_c - out_u)
 
 
+def check_guidance(guidance_scale) -> float:
+    """Classifier-free guidance as the course uses it: scale 1 is the conditional model alone, larger scales push
+    along (cond - uncond). Below 1 the output leans towards the unconditional model (0 is that model alone, and
+    negative scales push away from the caption): a caption that should not count is the empty caption "", so the
+    pipeline (`generate`, `evaluate_text_to_image`) and the applications refuse a scale < 1 (and inf or NaN).
+    `model_output` itself computes any scale (exercise 09 and the tests use it on toy models)."""
+    if (not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool)
+            or not math.isfinite(guidance_scale) or guidance_scale < 1):
+        raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance, 2-5 follows the caption more "
+                         f"closely); got {guidance_scale!r}. To ignore the caption, pass the empty caption \"\"")
+    return float(guidance_scale)
+
+
 def _check_shape_and_device(shape, schedule: NoiseSchedule, device):
     shape = tuple(shape)
     if len(shape) < 2 or any(int(s) < 1 for s in shape):

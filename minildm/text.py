@@ -19,6 +19,7 @@ Data flows one way: this module does not import `minildm.unet`.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +185,38 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator | No
     _check_probability(p)
     dropped = (torch.rand(len(captions), generator=generator) < p).tolist()
     return ["" if drop else caption for caption, drop in zip(captions, dropped)]
+
+
+def check_prompts(tokenizer, prompts, batch: int | None = None, max_length: int | None = None) -> list[str]:
+    """Prompts for a model with `tokenizer`: a list of str (or one str for the whole batch).
+
+    Words the model never saw in training are an error (the tokenizer would turn them into <unk>, which the model
+    never learned to read), naming them. An empty prompt (or one of spaces and punctuation only) is allowed, with a
+    warning: the model then draws without a caption (the unconditional branch of classifier-free guidance, which the
+    dropped captions of training taught it), and guidance cannot sharpen it, since both branches see "".
+    A prompt longer than `max_length` tokens (<bos> and <eos> included) is an error when `max_length` is given.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts] * (batch or 1)
+    prompts = list(prompts)
+    if batch is not None and len(prompts) != batch:
+        raise ValueError(f"got {len(prompts)} prompts for {batch} images; pass one prompt per image (or one str)")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} must be a str, got {type(prompt).__name__}")
+        words = split_words(prompt)
+        unknown = sorted({w for w in words if w not in tokenizer.index})
+        if unknown:
+            raise ValueError(f"prompt {prompt!r} has words the model never saw in training: {unknown}. It knows the "
+                             f"{tokenizer.vocab_size - len(SPECIAL_TOKENS)} words of its training captions (e.g. "
+                             "'a big red circle at the top left'); unknown words would reach it as <unk>")
+        if max_length is not None and len(words) + 2 > max_length:
+            raise ValueError(f"prompt {i} needs {len(words) + 2} tokens (with <bos> and <eos>) but the model reads at "
+                             f"most {max_length}; shorten it (a Shapes caption names at most 3 objects)")
+        if not words:
+            warnings.warn(f"prompt {i} is empty: the model draws without a caption there (classifier-free "
+                          "guidance has nothing to amplify)", UserWarning, stacklevel=2)
+    return prompts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -72,19 +72,31 @@ def plot_history(history: list[dict], keys: list[str], ax=None, logy: bool = Tru
 
 
 def explore(draw, **controls):
-    """A figure with sliders: ``draw(**values)`` returns a figure; ``controls`` maps its arguments to widgets.
+    """A figure with controls: ``draw(**values)`` returns a figure; ``controls`` maps its arguments to widgets.
 
     The figure for the controls' starting values is an ordinary cell output (so it shows in a static view of
     the notebook), and every change of a control redraws it in place through its display id. This replaces
     ``ipywidgets.interact``, which draws into an Output widget: with no browser attached (nbval in CI, nbclient
     on the GPU machine) that capture can hang the run at random (jupyter/nbclient#312, jupyter/nbconvert#2029),
     and a static view of the notebook shows no figure at all.
+
+    Any widget with a ``value`` works: sliders, dropdowns, and text boxes (``ipywidgets.Text``, e.g. a prompt), which
+    redraw when Enter is pressed or the box loses focus, not at every key (their continuous_update is switched off).
+    A ValueError from ``draw`` (bad input, such as a word the model never saw) is drawn as a figure with its message,
+    so the controls stay usable; other errors are raised as usual.
     """
     import ipywidgets as widgets
     from IPython.display import display
 
+    for control in controls.values():
+        if isinstance(control, (widgets.Text, widgets.Textarea)):
+            control.continuous_update = False
+
     def figure():
-        fig = draw(**{name: control.value for name, control in controls.items()})
+        try:
+            fig = draw(**{name: control.value for name, control in controls.items()})
+        except ValueError as error:
+            fig = message_figure(f"{type(error).__name__}: {error}")
         plt.close(fig)  # shown once, through the display below, not again by pyplot at the end of the cell
         return fig
 
@@ -92,6 +104,39 @@ def explore(draw, **controls):
     handle = display(figure(), display_id=True)
     for control in controls.values():
         control.observe(lambda _change: handle.update(figure()), names="value")
+
+
+def message_figure(text: str, width: float = 6.0):
+    """A figure that shows only `text`, wrapped (what `explore` draws instead of a picture when the input is bad)."""
+    fig, ax = plt.subplots(figsize=(width, 1.2))
+    ax.text(0.01, 0.5, "\n".join(textwrap.wrap(text, int(width * 14))), va="center", fontsize=8, color="#b00000")
+    ax.axis("off")
+    return fig
+
+
+def show_attention(image: torch.Tensor, maps: torch.Tensor, tokens: list[str], title: str | None = None,
+                   skip: tuple[str, ...] = ("<bos>", "<eos>"), scale: float = 1.35):
+    """One image (3, H, W) and, for each of its caption's tokens, where the image attended to it: `maps` (L, H, W)
+    (e.g. from `attention_maps.cross_attention_maps`, aligned with `tokens`) over the image in grey, each map
+    scaled to its own maximum. Under each token: its mean weight over the image (the maps sum to 1 over the
+    tokens at every pixel, so this is the token's share of the attention). Returns the figure."""
+    shown = [(j, token) for j, token in enumerate(tokens) if token not in skip]
+    fig, axes = plt.subplots(1, len(shown) + 1, figsize=(scale * (len(shown) + 1), scale * 1.25), squeeze=False)
+    picture = to_numpy_image(image[None], nrow=1, padding=0)
+    axes[0, 0].imshow(picture)
+    axes[0, 0].set_title("sample", fontsize=7)
+    grey = picture.mean(-1)
+    for ax, (j, token) in zip(axes[0, 1:], shown):
+        m = maps[j].float().cpu()
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+        ax.imshow((m / m.max().clamp(min=1e-12)).numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=1)
+        ax.set_title(f"{token}\n{m.mean().item():.2f}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def show_readings(images: torch.Tensor, reads: torch.Tensor, attributes: torch.Tensor | None = None,

@@ -1,4 +1,4 @@
-"""Checkers of exercises 02-05, 07 and 08 (autoencoder, schedules, UNet blocks, objectives, evaluation, samplers) accept a correct answer and
+"""Checkers of exercises 01-09 (data, autoencoder, schedules, UNet blocks, objectives, latents, evaluation, samplers, guidance) accept a correct answer and
 reject the unfilled stub and typical wrong answers with a message that says what is wrong."""
 
 import math
@@ -17,8 +17,9 @@ from minildm.checks import stage04 as s04
 from minildm.checks import stage05 as s05
 from minildm.checks import stage07 as s07
 from minildm.checks import stage08 as s08
+from minildm.checks import stage09 as s09
 
-STAGES = (s02, s03, s04, s05, s07, s08)
+STAGES = (s02, s03, s04, s05, s07, s08, s09)
 
 
 @pytest.fixture(autouse=True)
@@ -622,6 +623,88 @@ def test_stage08_checker_accepts_correct_answers_and_rejects_wrong_ones(checker,
     test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
 
 
+# ---- exercise 09 (guidance): correct answers and typical wrong ones ----------------------------------------------
+
+
+from minildm import text
+
+
+def guided(combine):
+    """An answer in the exercise's signature that runs both passes and combines (out_c, out_u, w) with `combine`."""
+    def answer(model, x, t, context, w, uncond):
+        return combine(model(x, t, context), model(x, t, uncond), w)
+    return answer
+
+
+def guidance_one_batch_wrong_chunk(model, x, t, context, w, uncond):
+    out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context])).chunk(2)  # swapped
+    return out_u + w * (out_c - out_u)
+
+
+def guidance_both_halves(model, x, t, context, w, uncond):
+    return model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]))
+
+
+def drop(rule):
+    """A condition-dropout answer: rule(u (n,), p) -> which captions to drop, from the generator's draw."""
+    def answer(captions, p, generator):
+        if not 0 <= p <= 1:
+            raise ValueError("p must lie in [0, 1]")
+        dropped = rule(torch.rand(len(captions), generator=generator), p)
+        return ["" if d else c for c, d in zip(captions, dropped.tolist())]
+    return answer
+
+
+def drop_in_place(captions, p, generator):
+    for i, d in enumerate((torch.rand(len(captions), generator=generator) < p).tolist()):
+        if d:
+            captions[i] = ""
+    return captions
+
+
+def drop_global_rng(captions, p, generator):
+    return text.drop_captions(captions, p)  # the global generator, not the one given
+
+
+def drop_bernoulli(captions, p, generator):
+    if not 0 <= p <= 1:
+        raise ValueError("p must lie in [0, 1]")
+    keep = torch.bernoulli(torch.full((len(captions),), 1 - p), generator=generator).bool()
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+STAGE09 = [
+    (s09.check_model_output, samplers.model_output, [
+        (guided(lambda c, u, w: c + w * (u - c)), "the two predictions are swapped"),
+        (guidance_one_batch_wrong_chunk, "swapped.*order torch.cat put them in"),
+        (guided(lambda c, u, w: c + w * (c - u)), "Ho & Salimans' own convention"),
+        (guided(lambda c, u, w: w * (c - u)), "add it to the unconditional prediction"),
+        (guided(lambda c, u, w: w * c), "scales the conditional prediction"),
+        (guided(lambda c, u, w: (c + u) / 2), "average of the two predictions"),
+        (lambda model, x, t, context, w, uncond: model(x, t, context), "never saw uncond_context"),
+        (lambda model, x, t, context, w, uncond: model(x, t, uncond), "never saw the context"),
+        (guidance_both_halves, "returned 6 rows for 3 images"),
+        (guided(lambda c, u, w: u + 1.01 * w * (c - u)), "values are off"),
+    ]),
+    (s09.check_drop_captions, text.drop_captions, [
+        (drop(lambda u, p: u >= p), "probability is inverted"),
+        (drop(lambda u, p: (u[:1] < p).expand(len(u))), "(every|no) caption was dropped.*each caption on its own"),
+        (lambda captions, p, g: ["<pad>" if c == "" else c for c in text.drop_captions(captions, p, g)],
+         "became '<pad>'"),
+        (drop_in_place, "changed the list it was given"),
+        (lambda captions, p, g: torch.rand(len(captions), generator=g) < p, "expected a list of 2000 str"),
+        (drop_global_rng, "ignores the generator"),
+        (drop_bernoulli, "differ from the prescribed draw"),
+        (lambda captions, p, g: text.drop_captions(captions, min(max(p, 0.0), 1.0), g), "raise a ValueError"),
+    ]),
+]
+
+
+@pytest.mark.parametrize("checker, correct, wrong", STAGE09, ids=lambda x: getattr(x, "__name__", ""))
+def test_stage09_checker_accepts_correct_answers_and_rejects_wrong_ones(checker, correct, wrong, capsys):
+    test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
+
+
 # ---- the guard every checker calls first: the student's own function, not the package's answer ------------------
 
 import functools
@@ -681,7 +764,8 @@ def test_guard_refuses_notebook_code_that_reaches_the_package(name):
         checks.written_here(in_main(KL_SOURCE)[name], "kl_divergence")
 
 
-@pytest.mark.parametrize("checker, correct", [(c, answer) for c, answer, _ in STAGE02 + CHECKERS + STAGE07 + STAGE08],
+@pytest.mark.parametrize("checker, correct", [(c, answer) for c, answer, _ in STAGE02 + CHECKERS + STAGE07 + STAGE08
+                                                  + STAGE09],
                          ids=lambda x: getattr(x, "__name__", ""))
 def test_every_checker_calls_the_guard_first(checker, correct, real_guard):
     """The answers of this file (package functions or this module's) are not a notebook's: every checker refuses them."""
@@ -693,7 +777,8 @@ def test_every_checker_calls_the_guard_first(checker, correct, real_guard):
     [(s04.check_cross_attention, cross_attention), (s05.check_diffusion_loss, diffusion_loss)],
     [(checker, correct) for checker, correct, _ in STAGE07],
     [(checker, correct) for checker, correct, _ in STAGE08],
-], ids=["stages04-05", "stage07", "stage08"])
+    [(checker, correct) for checker, correct, _ in STAGE09],
+], ids=["stages04-05", "stage07", "stage08", "stage09"])
 def test_checkers_leave_the_global_random_state_alone(checkers):
     """A notebook's torch.manual_seed must mean the same before and after a graded cell."""
     torch.manual_seed(0)

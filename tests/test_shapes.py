@@ -204,3 +204,60 @@ def test_bad_inputs_raise_clear_errors():
         sample_scenes([-1], ShapesConfig())
     with pytest.raises(ValueError, match="batch_size"):
         shapes_batch_at(ShapesConfig(), batch_size=0)  # raised at the call, not at the first batch
+
+
+# ---- exclude_pairs: a colour-shape pair held out of training (notebook 09's compositions) ------------------------
+
+
+def test_excluded_pairs_never_appear_in_attributes_nor_captions():
+    excluded = (("blue", "triangle"), ("red", "circle"))
+    cfg = ShapesConfig(image_size=16, seed=0, exclude_pairs=excluded)
+    plain = sample_scenes(range(3000), ShapesConfig(image_size=16, seed=0))
+    scenes = sample_scenes(range(3000), cfg)
+    pairs = {(COLOUR_NAMES[o.colour], SHAPES[o.shape]) for s in scenes for o in s.objects}
+    assert not pairs & set(excluded)
+    assert len(pairs) == len(COLOURS) * len(SHAPES) - 2  # every other pair still appears
+    for s in scenes:
+        assert "blue triangle" not in s.caption and "red circle" not in s.caption
+    # the pair was there without the option (about 2 objects in 36 per image), and only those objects changed
+    changed = 0
+    for a, b in zip(plain, scenes):
+        assert len(a.objects) == len(b.objects) and a.background == b.background
+        for oa, ob in zip(a.objects, b.objects):
+            assert (oa.size, oa.position, oa.jitter) == (ob.size, ob.position, ob.jitter)
+            if (COLOUR_NAMES[oa.colour], SHAPES[oa.shape]) in excluded:
+                changed += 1
+            else:
+                assert (oa.shape, oa.colour) == (ob.shape, ob.colour)
+        if a.objects == b.objects:
+            assert a.caption == b.caption  # images without the pair are exactly the plain ones
+    n_objects = sum(len(s.objects) for s in plain)
+    assert abs(changed / n_objects - 2 / 36) < 0.015, changed / n_objects
+
+
+def test_redrawn_pairs_are_uniform_over_the_allowed_ones_and_deterministic():
+    cfg = ShapesConfig(image_size=16, seed=1, exclude_pairs=[["blue", "triangle"]])  # lists are accepted
+    assert cfg.exclude_pairs == (("blue", "triangle"),)
+    scenes = sample_scenes(range(6000), cfg)
+    counts = np.zeros((len(SHAPES), len(COLOURS)))
+    for s in scenes:
+        for o in s.objects:
+            counts[o.shape, o.colour] += 1
+    blue, triangle = COLOUR_NAMES.index("blue"), SHAPES.index("triangle")
+    assert counts[triangle, blue] == 0
+    allowed = np.delete(counts.flatten(), triangle * len(COLOURS) + blue)
+    expected = allowed.sum() / len(allowed)  # uniform over the 35 allowed pairs: 1/35 each
+    assert np.abs(allowed - expected).max() < 4.5 * math.sqrt(expected), (allowed.min(), allowed.max(), expected)
+    again = ShapesDataset(cfg).batch([7, 123])
+    assert again["caption"] == [scenes[7].caption, scenes[123].caption]
+    assert torch.equal(ShapesDataset(cfg).batch([123])["image"][0], again["image"][1])
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ((("blue", "dog"),), "colour, shape"),
+    ((("triangle", "blue"),), "colour, shape"),
+    (tuple((c, s) for c in COLOURS for s in SHAPES), "every"),
+])
+def test_bad_excluded_pairs_are_refused(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesConfig(exclude_pairs=pairs)

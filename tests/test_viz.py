@@ -52,6 +52,37 @@ explore(line, slope=slider)
     assert _pngs(nb.cells[1]) == []
 
 
+def test_explore_takes_a_text_box_and_shows_bad_input_as_a_message():
+    """A prompt box: it redraws on Enter (not at every key), and a ValueError from draw becomes a figure with the
+    message instead of a traceback lost in the widget's log."""
+    draw = """
+import ipywidgets as widgets, matplotlib.pyplot as plt
+from minildm.viz import explore
+def words(prompt="a red circle", n=1):
+    if "dog" in prompt:
+        raise ValueError(f"prompt {prompt!r} has words the model never saw in training: ['dog']")
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.bar(range(len(prompt.split())), [n] * len(prompt.split()))
+    return fig
+box, slider = widgets.Text("a red circle"), widgets.IntSlider(1, 1, 5)
+explore(words, prompt=box, n=slider)
+print(box.continuous_update)
+"""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(draw)])
+    run = NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    run.execute()
+    assert nb.cells[0].outputs[-1]["text"].strip() == "False"
+    (first,) = _pngs(nb.cells[0])
+    nb.cells.append(nbformat.v4.new_code_cell("box.value = 'a red dog'"))
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    (message,) = _pngs(nb.cells[0])
+    assert message != first and not any(o.get("output_type") == "error" for c in nb.cells for o in c.outputs)
+    nb.cells.append(nbformat.v4.new_code_cell("box.value = 'a big red circle'"))
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    (again,) = _pngs(nb.cells[0])
+    assert again not in (first, message)
+
+
 def test_no_notebook_uses_ipywidgets_interact():
     """interact draws into an Output widget, which can hang a run with no browser attached (CI's nbval, the GPU
     machine's nbclient; jupyter/nbclient#312): the course's sliders go through `explore` instead."""

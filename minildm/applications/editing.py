@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +43,14 @@ from minildm.samplers import (
     DEFAULT_STEPS,
     SAMPLERS,
     _check_steps,
+    check_guidance,
     ddim_step,
     model_output,
     sample,
     uniform_timesteps,
 )
 from minildm.schedules import NoiseSchedule
-from minildm.text import SPECIAL_TOKENS, split_words
+from minildm.text import check_prompts
 
 # ---------------------------------------------------------------------------------------------
 # Checking inputs: masks, strengths, guidance, prompts
@@ -96,43 +96,6 @@ def check_strength(strength) -> float:
         raise ValueError(f"strength must be a number in [0, 1] (0 returns the input, 1 ignores it and starts from "
                          f"pure noise; SDEdit works best around 0.4-0.7), got {strength!r}")
     return float(strength)
-
-
-def check_guidance(guidance_scale) -> float:
-    """Classifier-free guidance as the course uses it: scale 1 is the conditional model alone, larger scales push
-    along (cond - uncond). Below 1 the result leans towards the unconditional model, which these applications never
-    want (a caption that should not count is the empty caption), so a scale < 1 is an error here."""
-    if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or guidance_scale < 1:
-        raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance, 2-5 follows the caption more "
-                         f"closely); got {guidance_scale!r}. To ignore the caption, pass the empty caption \"\"")
-    return float(guidance_scale)
-
-
-def check_prompts(tokenizer, prompts, batch: int | None = None) -> list[str]:
-    """Prompts for a model with `tokenizer`: a list of str (or one str for the whole batch).
-
-    Words the model never saw in training are an error (the tokenizer would turn them into <unk>, which the model
-    never learned to read), naming them. An empty prompt is allowed, with a warning: the model then draws without a
-    caption (the unconditional branch of classifier-free guidance), which guidance cannot sharpen.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts] * (batch or 1)
-    prompts = list(prompts)
-    if batch is not None and len(prompts) != batch:
-        raise ValueError(f"got {len(prompts)} prompts for {batch} images; pass one prompt per image (or one str)")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt {i} must be a str, got {type(prompt).__name__}")
-        words = split_words(prompt)
-        unknown = sorted({w for w in words if w not in tokenizer.index})
-        if unknown:
-            raise ValueError(f"prompt {prompt!r} has words the model never saw in training: {unknown}. It knows the "
-                             f"{tokenizer.vocab_size - len(SPECIAL_TOKENS)} words of its training captions (e.g. "
-                             "'a big red circle at the top left'); unknown words would reach it as <unk>")
-        if not words:
-            warnings.warn(f"prompt {i} is empty: the model draws without a caption there (classifier-free "
-                          "guidance has nothing to amplify)", UserWarning, stacklevel=2)
-    return prompts
 
 
 def guided(model, guidance_scale: float = 1.0, uncond_context=None):

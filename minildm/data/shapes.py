@@ -18,6 +18,7 @@ All of it is elementwise torch over the whole batch, on any device.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -58,12 +59,20 @@ PREFIXES = ("", "there is ", "a picture of ", "an image of ")
 
 @dataclass(frozen=True)
 class ShapesConfig:
-    """What to generate. Images of `image_size` px, 1 to 3 objects, all determined by `seed`."""
+    """What to generate. Images of `image_size` px, 1 to 3 objects, all determined by `seed`.
+
+    `exclude_pairs`: (colour, shape) pairs that never appear, e.g. (("blue", "triangle"),). An object drawn with an
+    excluded pair gets a pair drawn uniformly from the allowed ones instead (its size, place and the caption's
+    wording stay as drawn), so no image and no caption of this config contains the pair: a model trained on it
+    has seen "blue" and "triangle", never a blue triangle (notebook 09 tests whether it composes them). Images
+    without an excluded pair are exactly those of the config without the option.
+    """
 
     image_size: int = 64
     seed: int = 0
     min_objects: int = 1
     max_objects: int = MAX_OBJECTS
+    exclude_pairs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         check_image_size(self.image_size)
@@ -72,6 +81,14 @@ class ShapesConfig:
                              f"got min_objects={self.min_objects}, max_objects={self.max_objects}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"ShapesConfig.seed must be a non-negative int, got {self.seed!r}")
+        pairs = tuple(tuple(pair) for pair in self.exclude_pairs)  # lists from a JSON config become tuples
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
+                raise ValueError(f"ShapesConfig.exclude_pairs holds (colour, shape) names, e.g. ('blue', "
+                                 f"'triangle'), with colours {COLOUR_NAMES} and shapes {SHAPES}; got {pair!r}")
+        if len(set(pairs)) >= len(COLOURS) * len(SHAPES):
+            raise ValueError("ShapesConfig.exclude_pairs excludes every (colour, shape) pair: nothing left to draw")
+        object.__setattr__(self, "exclude_pairs", tuple(sorted(set(pairs))))
 
 
 @dataclass(frozen=True)
@@ -139,15 +156,27 @@ class _Uniforms:
         return int(self.values.pop() * n)
 
 
+@functools.lru_cache(maxsize=16)
+def _allowed_pairs(excluded: tuple[tuple[str, str], ...]) -> list[tuple[int, int]]:
+    """(shape, colour) indices of every pair not excluded, in a fixed order."""
+    return [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS))
+            if (COLOUR_NAMES[c], SHAPES[s]) not in excluded]
+
+
 def sample_scene(index: int, cfg: ShapesConfig) -> Scene:
     """Draw image `index`'s attributes, background and caption from a generator seeded by (seed, index)."""
     rng = np.random.default_rng([cfg.seed, index])
     u = _Uniforms(rng, 32)  # enough for 3 objects and the background
     n = cfg.min_objects + u.integer(cfg.max_objects - cfg.min_objects + 1)
-    free_cells, objects = list(range(len(POSITIONS))), []
+    free_cells, objects, redraw = list(range(len(POSITIONS))), [], None
     for _ in range(n):
         position = free_cells.pop(u.integer(len(free_cells)))  # distinct cells
         shape, colour, size = u.integer(len(SHAPES)), u.integer(len(COLOURS)), u.integer(len(SIZES))
+        if cfg.exclude_pairs and (COLOUR_NAMES[colour], SHAPES[shape]) in cfg.exclude_pairs:
+            # redraw from a generator of its own, so the draws after this one (and the caption) stay as they were
+            redraw = redraw or np.random.default_rng([cfg.seed, index, 1])
+            shape, colour = _allowed_pairs(cfg.exclude_pairs)[int(redraw.random() * (len(SHAPES) * len(COLOURS)
+                                                                                   - len(cfg.exclude_pairs)))]
         jitter = (u.uniform(-JITTER, JITTER), u.uniform(-JITTER, JITTER))
         objects.append(ShapeObject(shape, colour, size, position, jitter))
     # Dark grey with a slight tint, plus two gentle waves of 0.5 to 1.5 cycles per image.
