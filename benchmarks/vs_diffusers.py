@@ -231,7 +231,7 @@ def bench_shape(shape: str, args, device, record) -> None:
                **{f"gflop_per_image_{task}": round(g, 3) for task, g in gflop[name].items()})
     for mode in args.modes:
         names = [name for name, m in steps if m == mode]
-        for task in ("train", "infer"):
+        for task in args.tasks:
             if mode != "eager":  # the first call compiles: time it alone
                 for name in names:
                     nets[name].train(task == "train")
@@ -330,6 +330,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/vs_diffusers.jsonl"), help="JSON lines, appended")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--modes", nargs="+", choices=["eager", *COMPILE_MODES], default=["eager", *COMPILE_MODES])
+    parser.add_argument("--tasks", nargs="+", choices=["train", "infer"], default=["train", "infer"])
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per run (default 3)")
     parser.add_argument("--peak-tflops", type=float, default=775.0,
                         help="bf16 peak for the fraction column (default 775: an H200's measured matmul peak)")

@@ -269,6 +269,12 @@ class Trainer:
             self.train_seconds = distributed.from_main(self.train_seconds, self.rt.device)
         if self.ckpt_path is not None:
             self.save()
+        if bar_args["disable"] is False:  # the bar's last state as plain text: a saved notebook shows the widget's first
+            last = self.history[-1] if self.history else {}
+            losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("loss"))
+            print(f"{self.task.kind}: {self.step} steps, {self.train_seconds:.0f} s of training"
+                  + (f", {last['images_per_s']:,.0f} images/s" if "images_per_s" in last else "")
+                  + (f"; {losses}" if losses else ""), flush=True)
         return self.history
 
 
