@@ -44,6 +44,7 @@ from minildm.samplers import (
     DEFAULT_STEPS,
     SAMPLERS,
     _check_steps,
+    check_guidance,  # (defined beside classifier-free guidance; re-exported by minildm.applications)
     ddim_step,
     model_output,
     sample,
@@ -96,16 +97,6 @@ def check_strength(strength) -> float:
         raise ValueError(f"strength must be a number in [0, 1] (0 returns the input, 1 ignores it and starts from "
                          f"pure noise; SDEdit works best around 0.4-0.7), got {strength!r}")
     return float(strength)
-
-
-def check_guidance(guidance_scale) -> float:
-    """Classifier-free guidance as the course uses it: scale 1 is the conditional model alone, larger scales push
-    along (cond - uncond). Below 1 the result leans towards the unconditional model, which these applications never
-    want (a caption that should not count is the empty caption), so a scale < 1 is an error here."""
-    if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool) or guidance_scale < 1:
-        raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance, 2-5 follows the caption more "
-                         f"closely); got {guidance_scale!r}. To ignore the caption, pass the empty caption \"\"")
-    return float(guidance_scale)
 
 
 def check_prompts(tokenizer, prompts, batch: int | None = None) -> list[str]:
