@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from minildm.ema import EMA
 from minildm.judge import ShapesJudge, caption_accuracy
 from minildm.losses import AutoencoderLoss, AutoencoderLossConfig
 from minildm.metrics import frechet_distance, kid, psnr
-from minildm.samplers import DEFAULT_STEPS, check_guidance, sample
+from minildm.samplers import DEFAULT_STEPS, check_guidance, model_calls, sample, sampler_timesteps
 from minildm.schedules import NoiseSchedule
 from minildm.text import TextConfig, WordTokenizer, check_prompts
 from minildm.train import Trainer
@@ -265,9 +266,11 @@ def generate(denoiser: Denoiser, captions: list[str], schedule: NoiseSchedule, s
     given. Returns images (B, 3, H, W) in [-1, 1] (and the trajectory if asked).
     On CUDA the denoiser runs as a recorded CUDA graph (`device.cuda_graphed`; cuda_graph=False turns it off):
     same numbers, several times fewer seconds, since eager sampling at small batches is launch-bound.
-    Bad input (`text.check_prompts`, `samplers.check_guidance`): a caption with words the model never saw, or one
-    longer than the text encoder reads, is an error; an empty caption draws from the unconditional model, with a
-    warning; guidance_scale must be >= 1 (the empty caption "" is the way to ignore the caption)."""
+    Bad input is a clear error before any work (e.g. before a graph is recorded): the sampler and the steps (an int
+    from 1 to T, `samplers.sampler_timesteps`), the guidance scale (>= 1, `samplers.check_guidance`; the empty caption
+    "" is the way to ignore the caption), a caption with words the model never saw or one longer than the text
+    encoder reads (`text.check_prompts`); an empty caption draws from the unconditional model, with a warning."""
+    sampler_timesteps(schedule, sampler, steps)
     check_guidance(guidance_scale)
     if isinstance(denoiser, Denoiser):
         captions = check_prompts(denoiser.tokenizer, captions, max_length=denoiser.text_cfg.max_length)
@@ -375,29 +378,41 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
     (the judge), and Fréchet distance and KID on the judge's features to a reference set of n other real held-out images,
     next to the real-data floor: the FD between the real images of the sampled captions and that same reference.
     The samples and the floor's real images share their captions (and so their layouts); the reference shares
-    none, so "FD / floor" compares like with like (1 = as close to real data as real data is)."""
+    none, so "FD / floor" compares like with like (1 = as close to real data as real data is).
+    Also per scale: "sample_seconds", the wall time of the `generate` calls alone (batches of `batch_size`, CUDA
+    graph recording and decoding included, measured between torch.cuda.synchronize() calls on a GPU), and
+    "seconds_per_sample" = sample_seconds / n; and "model_calls", the sampler's model evaluations per sample (NFE)."""
     if n < 2:
         raise ValueError(f"asked for {n} samples; FD needs at least 2 (use n >= 256 for stable numbers)")
+    nfe = model_calls(schedule, sampler, steps)  # checks the sampler and the steps before any work
+    for scale in guidance_scales:
+        check_guidance(scale)
     size = judge.cfg.image_size
     real = held_out_batch(n, size, runtime.device)
     reference = judge.features(held_out_batch(n, size, runtime.device, start=n)["image"])
     floor = frechet_distance(judge.features(real["image"]), reference)
     asked = steps or (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T))
     result = {"n": n, "sampler": sampler, "steps": asked,  # Karras-spaced samplers may merge a few
-              "fd_real_floor": floor, "by_guidance": {}}
+              "model_calls": nfe, "fd_real_floor": floor, "by_guidance": {}}
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
     for scale in guidance_scales:
+        sync()
+        start = time.perf_counter()
         images = torch.cat([
             generate(denoiser, real["caption"][i:i + batch_size], schedule, shape, runtime, prediction=prediction,
                      guidance_scale=scale, autoencoder=autoencoder, seed=seed + i, cuda_graph=cuda_graph,
                      sampler=sampler, steps=steps)
             for i in range(0, n, batch_size)])
+        sync()
+        seconds = time.perf_counter() - start
         if tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"the pipeline draws {images.shape[-1]} px images but the judge reads {size} px")
         scores = caption_accuracy(judge.read(images), real["attributes"])
         features = judge.features(images)
         fd = frechet_distance(features, reference)
         kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=min(n, 256))
-        scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12), kid=kid_mean, kid_std=kid_std)
+        scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12), kid=kid_mean, kid_std=kid_std,
+                      sample_seconds=seconds, seconds_per_sample=seconds / n, model_calls=nfe)
         if keep_images:
             scores["samples"] = images[:keep_images].cpu()  # ("images" is the count of images scored)
             scores["reads"] = judge.read(images[:keep_images]).cpu()

@@ -76,11 +76,16 @@ def model_output(model, x, t, context=None, guidance_scale: float = 1.0, uncond_
 
 
 def check_guidance(guidance_scale) -> float:
-    """Classifier-free guidance as the course uses it: scale 1 is the conditional model alone, larger scales push
-    along (cond - uncond). Below 1 the output leans towards the unconditional model (0 is that model alone, and
-    negative scales push away from the caption): a caption that should not count is the empty caption "", so the
-    pipeline (`generate`, `evaluate_text_to_image`) and the applications refuse a scale < 1 (and inf or NaN).
-    `model_output` itself computes any scale (exercise 09 and the tests use it on toy models)."""
+    """Classifier-free guidance as the course uses it: out_uncond + s (out_cond - out_uncond) with s >= 1.
+
+    Ho & Salimans (2022, eq. 6) write it as (1 + w) eps_cond - w eps_uncond with w >= 0, i.e. s = 1 + w: s = 1 is the
+    conditional model alone (guidance off), s > 1 pushes each sample towards its condition. Below 1 the formula
+    still computes something, but not guidance: s in (0, 1) blends towards the unconditional model, s = 0 *is* the
+    unconditional model and s < 0 pushes away from the condition; none of these samples the course's guided
+    distribution p(x | c)^s p(x)^(1 - s) with s >= 1, so `sample`, `generate` and the applications refuse them
+    (an error, not a warning). To sample without a condition, pass the empty caption ("") with scale 1.
+    `model_output` itself computes any scale (exercise 09 and the tests use it on toy models). Returns the scale
+    as a float."""
     if (not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool)
             or not math.isfinite(guidance_scale) or guidance_scale < 1):
         raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance, 2-5 follows the caption more "
@@ -115,6 +120,7 @@ def ddpm_sample(model, shape, schedule: NoiseSchedule, context=None, prediction:
     `callback(step, t, x_t, x0_hat)`, if given, is called at every step (as in `sample`).
     """
     check_prediction(prediction)
+    check_guidance(guidance_scale)
     if variance not in ("beta_tilde", "beta"):
         raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta_tilde' or 'beta'")
     variance_table = "posterior_variance" if variance == "beta_tilde" else "betas"
@@ -220,6 +226,46 @@ def _check_timesteps_list(timesteps, T: int) -> list[int]:
         raise ValueError(f"explicit timesteps must be strictly decreasing integers in [0, {T - 1}], e.g. "
                          f"uniform_timesteps({T}, 20); got {ts[:8]}{' ...' if len(ts) > 8 else ''}")
     return [int(t) for t in ts]
+
+
+def sampler_timesteps(schedule: NoiseSchedule, sampler: str, steps=None) -> list[int]:
+    """The timesteps `sample(..., sampler=sampler, steps=steps)` visits, after checking both (clear errors for an
+    unknown sampler and for a step count the schedule cannot provide: not an int, below 1 or above T).
+
+    steps=None: all T for "ddpm", min(50, T) for the others; an int: `uniform_timesteps` for "ddpm" and "ddim",
+    `karras_timesteps` for "euler", "heun" and "dpmpp_2m" (which may merge a few, so the list can be shorter);
+    an explicit sequence of strictly decreasing timesteps is checked and returned as a list."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    T = schedule.T
+    if steps is None:
+        steps = T if sampler == "ddpm" else min(DEFAULT_STEPS, T)
+    if isinstance(steps, (list, tuple, range, torch.Tensor)):
+        return _check_timesteps_list(steps, T)
+    _check_steps(steps, T)
+    return uniform_timesteps(T, steps) if sampler in ("ddpm", "ddim") else karras_timesteps(schedule, steps)
+
+
+def model_calls(schedule: NoiseSchedule, sampler: str, steps=None) -> int:
+    """How many times `sample` calls the model per run (the NFE, number of function evaluations): one per timestep,
+    except Heun, which makes two per step but one on its last (to sigma = 0), 2 n - 1 for n timesteps. With
+    classifier-free guidance each call is one batch of 2B (conditional and unconditional together)."""
+    n = len(sampler_timesteps(schedule, sampler, steps))
+    return 2 * n - 1 if sampler == "heun" else n
+
+
+def pick_frames(trajectory: list, n: int = 8) -> list:
+    """n frames of a trajectory, evenly spread from its first to its last, both included: the last frame of
+    `sample(..., return_trajectory=True)` is t = 0, whose x0_hat is the sample. (Slicing with a stride,
+    trajectory[::k][:n], would drop the end whenever the trajectory is longer than n k frames.)"""
+    if not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a positive int (the number of frames to show), got {n!r}")
+    if len(trajectory) <= n:
+        return list(trajectory)
+    if n == 1:
+        return [trajectory[-1]]
+    last = len(trajectory) - 1
+    return [trajectory[math.floor(i * last / (n - 1) + 0.5)] for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,14 +427,16 @@ def sample(model, shape, schedule: NoiseSchedule, sampler: str = "ddpm", steps=N
     """Draw samples of `shape` (B, ...) with any sampler of SAMPLERS; returns x, or (x, [Snapshot, ...]).
 
     sampler:  "ddpm", "ddim", "euler", "heun" or "dpmpp_2m" (see the module docstring).
-    steps:    how many steps; None means all T for "ddpm" and min(50, T) for the others. "ddpm" with fewer
+    steps:    how many steps, an int from 1 to T (anything else is an error); None means all T for "ddpm" and
+              min(50, T) for the others. "ddpm" with fewer
               than T steps samples the respaced process (Nichol & Dhariwal 2021, Sec. 4), i.e. DDIM with eta = 1.
               "ddpm" and "ddim" step through `uniform_timesteps`, the others through `karras_timesteps` (which
               may merge a few steps). Heun makes 2 steps - 1 model calls, the others one per step. `steps` may
               also be an explicit sequence of strictly decreasing timesteps, e.g. uniform_timesteps(T, 20).
     eta:      DDIM's noise, 0 (deterministic) to 1 (DDPM's posterior variance); only for sampler="ddim".
     context, guidance_scale, uncond_context: passed to `model_output` (classifier-free guidance when the scale
-              is not 1); the context is never looked at, so it may be any tensor, e.g. token ids.
+              is not 1); the context is never looked at, so it may be any tensor, e.g. token ids. A scale below 1
+              is an error (`check_guidance` says why); 1 turns guidance off.
     prediction: what the model predicts, "eps", "x0" or "v".
     clip_x0:  clamp each x0_hat to [-clip_x0, clip_x0] (e.g. 1.0 for pixels), eps_hat made to agree.
     return_trajectory: also return about 10 Snapshots (t, x_t, x0_hat) on the CPU, the last at the last timestep
@@ -405,22 +453,15 @@ def sample(model, shape, schedule: NoiseSchedule, sampler: str = "ddpm", steps=N
     scaled_linear, T = 1000 (alpha_bar_{T-1} = 0.0047), 0.6% on linear. DDPM's fresh noise washes it out;
     a zero-terminal-SNR schedule removes it (Lin et al. 2024).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    timesteps = sampler_timesteps(schedule, sampler, steps)  # checks the sampler's name and the steps
     check_prediction(prediction)
+    check_guidance(guidance_scale)
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's noise), got {eta}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta={eta} only applies to sampler='ddim' (sampler={sampler!r} has no eta; 'ddpm' is "
                          "DDIM with eta = 1)")
     T = schedule.T
-    if steps is None:
-        steps = T if sampler == "ddpm" else min(DEFAULT_STEPS, T)
-    if isinstance(steps, (list, tuple, range, torch.Tensor)):
-        timesteps = _check_timesteps_list(steps, T)
-    else:
-        _check_steps(steps, T)
-        timesteps = uniform_timesteps(T, steps) if sampler in ("ddpm", "ddim") else karras_timesteps(schedule, steps)
     shape, device = _check_shape_and_device(shape, schedule, device)
     if x_start is not None and tuple(x_start.shape) != shape:
         raise ValueError(f"x_start has shape {tuple(x_start.shape)} but the samples are {shape}; they must match")

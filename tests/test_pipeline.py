@@ -131,6 +131,28 @@ def test_cuda_graph_sampling_gives_the_eager_samples(trained, guidance_scale):
     denoiser.cpu(), ae.cpu()
 
 
+def test_generate_refuses_bad_sampler_input_before_any_work(trained):
+    """A step count the schedule cannot provide, guidance below 1, an unknown sampler: each a clear error naming the
+    fix, raised before the model runs (on a GPU, before a CUDA graph is recorded)."""
+    _, _, ae, ldm, denoiser, schedule = trained
+    shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
+    calls = []
+    hook = denoiser.register_forward_hook(lambda *args: calls.append(1))
+    cases = [({"sampler": "ddim", "steps": 0}, r"steps must be an int from 1 to T=100"),
+             ({"sampler": "dpmpp_2m", "steps": schedule.T + 1}, r"steps must be an int from 1 to T=100"),
+             ({"sampler": "heun", "steps": 12.5}, r"steps must be an int from 1 to T=100 .*got 12.5"),
+             ({"sampler": "ddpm", "guidance_scale": 0.5}, r"guidance_scale must be a number >= 1 .*empty caption"),
+             ({"sampler": "euler", "steps": 5, "guidance_scale": -1.0}, r"guidance_scale must be a number >= 1"),
+             ({"sampler": "dpm++"}, r"unknown sampler 'dpm\+\+'; choose one of \('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m'\)")]
+    try:
+        for kwargs, message in cases:
+            with pytest.raises(ValueError, match=message):
+                generate(denoiser, ["a big red circle at the center"], schedule, shape, CPU, autoencoder=ae, **kwargs)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
 def test_cuda_graph_on_a_cpu_runtime_is_a_clear_error(trained):
     _, _, _, ldm, denoiser, schedule = trained
     shape = (ldm.unet.in_channels, ldm.unet.image_size, ldm.unet.image_size)
@@ -194,6 +216,14 @@ def test_cli_evaluate_scores_a_run_and_refuses_bad_input(trained, tmp_path, monk
     assert "text to image, 8 held-out captions (dpmpp_2m, 5 steps" in out and "     4.0 |" in out
     result = json.loads((run / "evaluation.json").read_text())
     assert set(result["text_to_image"]["by_guidance"]) == {"1.0", "4.0"}
+    scores = result["text_to_image"]["by_guidance"]["4.0"]  # the sampler's cost beside its quality (notebook 08)
+    assert result["text_to_image"]["model_calls"] == scores["model_calls"] == 5
+    assert scores["sample_seconds"] > 0 and scores["seconds_per_sample"] == pytest.approx(scores["sample_seconds"] / 8)
+    for bad, message in ((["--guidance", "0.5"], "guidance_scale must be a number >= 1"),
+                         (["--steps", "0"], "steps must be an int from 1 to T=100"),
+                         (["--sampler", "ddim", "--steps", "101"], "steps must be an int from 1 to T=100")):
+        assert main(["evaluate", str(run), "--fast", "--device", "cpu", "-n", "8", *bad]) == 2
+        assert message in capsys.readouterr().err
     judge = course_home / "checkpoints" / "fast" / "judge_32.pt"
     assert judge.exists()  # trained once, reused by the next evaluation
     other = tmp_path / "judge_64.pt"

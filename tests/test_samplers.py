@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from minildm.gaussian import GaussianMixture, ddpm_moments, fitted_order
 from minildm.samplers import (
     SAMPLERS,
     Snapshot,
@@ -16,8 +17,11 @@ from minildm.samplers import (
     euler_step,
     karras_sigmas,
     karras_timesteps,
+    model_calls,
     model_output,
+    pick_frames,
     sample,
+    sampler_timesteps,
     uniform_timesteps,
 )
 from minildm.schedules import NoiseSchedule
@@ -27,7 +31,8 @@ N = 4000
 
 
 def oracle(schedule, mu, s, prediction="eps", device="cpu"):
-    """The exact denoiser for x0 ~ N(mu, diag(s^2)): E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2), etc."""
+    """The exact denoiser for x0 ~ N(mu, diag(s^2)): E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2), etc.
+    (GaussianMixture's with one diagonal component, vectorised over t and on any device, for the GPU tests.)"""
     alpha_bar, mu, s = schedule.alpha_bar.to(device), mu.to(device), s.to(device)
 
     def model(x_t, t, context=None):
@@ -39,22 +44,6 @@ def oracle(schedule, mu, s, prediction="eps", device="cpu"):
         return {"eps": eps, "x0": x0, "v": a * eps - b * x0}[prediction]
 
     return model
-
-
-def exact_moments(schedule, mu, s, variance="beta_tilde"):
-    """Mean and variance of DDPM samples with the oracle: every step is linear-Gaussian in x_t, so
-    m <- c0 (mu + k (m - a mu)) + ct m and V <- (c0 k + ct)^2 V + sigma^2, from m = 0, V = 1 (float64)."""
-    mu, s = mu.double(), s.double()
-    m, V = torch.zeros_like(mu), torch.ones_like(mu)
-    noise_var = schedule.posterior_variance if variance == "beta_tilde" else schedule.betas
-    for i in reversed(range(schedule.T)):
-        ab = schedule.alpha_bar[i]
-        a = ab.sqrt()
-        k = a * s**2 / (ab * s**2 + 1 - ab)  # E[x0 | x_t] = mu + k (x_t - a mu)
-        c0, ct = schedule.posterior_mean_coef_x0[i], schedule.posterior_mean_coef_xt[i]
-        m = c0 * (mu + k * (m - a * mu)) + ct * m
-        V = (c0 * k + ct) ** 2 * V + (noise_var[i] if i > 0 else 0.0)
-    return m, V
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +60,12 @@ def test_ddpm_with_exact_denoiser_reproduces_the_data(sched, samples):
     assert samples.shape == (N, 2) and samples.dtype == torch.float32 and torch.isfinite(samples).all()
     mean, std = samples.mean(0), samples.std(0)
     assert (mean - MU).abs().max() < 5 * S.max() / math.sqrt(N)
-    # beta_tilde noise slightly under-disperses at T=200 (exact_moments: std 0.483 for 0.5, 0.979 for 1.0)
+    # beta_tilde noise slightly under-disperses at T=200 (ddpm_moments: std 0.483 for 0.5, 0.979 for 1.0)
     torch.testing.assert_close(std, S, rtol=0.04 + 5 / math.sqrt(2 * N), atol=0)
 
 
 def test_ddpm_moments_match_the_exact_recursion(sched, samples):
-    m, V = exact_moments(sched, MU, S)
+    m, V = ddpm_moments(sched, MU, S)
     mean_se, var_se = (V / N).sqrt(), V * math.sqrt(2 / (N - 1))
     assert ((samples.mean(0).double() - m).abs() < 5 * mean_se).all()
     assert ((samples.var(0).double() - V).abs() < 5 * var_se).all()
@@ -86,7 +75,7 @@ def test_ddpm_moments_match_the_exact_recursion(sched, samples):
 def test_beta_variance_is_exact_for_unit_variance_data(sched):
     """With sigma_t^2 = beta_t the reverse step is exact for x0 ~ N(mu, I) (Ho et al. Sec. 3.2)."""
     s = torch.ones(2)
-    m, V = exact_moments(sched, MU, s, variance="beta")
+    m, V = ddpm_moments(sched, MU, s, variance="beta")
     torch.testing.assert_close(V, torch.ones(2, dtype=torch.float64), rtol=1e-3, atol=0)
     torch.testing.assert_close(m, MU.double(), rtol=0, atol=1e-3)
     g = torch.Generator().manual_seed(1)
@@ -187,7 +176,7 @@ def test_ddpm_never_makes_the_cpu_wait_for_the_gpu():
         x = ddpm_sample(model, (N, 2), sched, generator=generator, device="cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    m, V = exact_moments(sched, MU, S)
+    m, V = ddpm_moments(sched, MU, S)
     assert (x.mean(0).cpu().double() - m).abs().max() < 5 * V.sqrt().max() / math.sqrt(N)
 
 
@@ -196,71 +185,8 @@ def test_ddpm_never_makes_the_cpu_wait_for_the_gpu():
 # =====================================================================================================================
 
 
-class Mixture:
-    """Data x0 ~ sum_k w_k N(mu_k, Sigma_k) and its exact denoiser. Given component k, x_t = a x0 + b eps is
-    N(a mu_k, C_k) with C_k = a^2 Sigma_k + b^2 I, so (Bayes, then the Gaussian conditional mean)
-
-        E[x0 | x_t] = sum_k r_k(x_t) (mu_k + a Sigma_k C_k^{-1} (x_t - a mu_k)),   r_k ~ w_k N(x_t; a mu_k, C_k),
-
-    computed in the eigenbasis of each Sigma_k = U diag(lam) U^T, where C_k = U diag(a^2 lam + b^2) U^T."""
-
-    def __init__(self, weights, means, covs):
-        self.weights, self.means, self.covs = (torch.tensor(v, dtype=torch.float64) for v in (weights, means, covs))
-        self.lam, self.U = torch.linalg.eigh(self.covs)  # (K, D), (K, D, D)
-
-    @property
-    def mean(self):
-        return self.weights @ self.means
-
-    @property
-    def cov(self):
-        second = (self.weights[:, None, None] * (self.covs + self.means[:, :, None] * self.means[:, None, :])).sum(0)
-        return second - torch.outer(self.mean, self.mean)
-
-    def x0_given_xt(self, x_t, ab: float, shift=0.0):
-        """E[x0 | x_t] at alpha_bar = ab; `shift` (B, D) moves every mean (a per-sample condition)."""
-        a, x = math.sqrt(ab), x_t.double()
-        logp, x0 = [], []
-        for w, mu, lam, U in zip(self.weights, self.means, self.lam, self.U):
-            mu = mu + shift
-            z, c = (x - a * mu) @ U, ab * lam + (1 - ab)  # coordinates and variances of x_t along U
-            logp.append(w.log() - 0.5 * (z**2 / c).sum(1) - 0.5 * c.log().sum())
-            x0.append(mu + (z * a * lam / c) @ U.T)
-        return (torch.stack(logp).softmax(0)[..., None] * torch.stack(x0)).sum(0)
-
-    def model(self, schedule, prediction="eps", shift_of_context=None, calls=None):
-        """model(x_t, t, context) -> the exact eps / x0 / v; checks that t is one valid int64 timestep (B,)."""
-
-        def model(x_t, t, context=None):
-            assert t.dtype == torch.long and t.shape == (x_t.shape[0],) and (t == t[0]).all()
-            assert 0 <= int(t[0]) <= schedule.T - 1
-            if calls is not None:
-                calls.append((int(t[0]), x_t.shape[0]))
-            ab = float(schedule.alpha_bar[t[0]])
-            a, b = math.sqrt(ab), math.sqrt(1 - ab)
-            shift = 0.0 if shift_of_context is None else shift_of_context(context)
-            x0 = self.x0_given_xt(x_t, ab, shift)
-            eps = (x_t.double() - a * x0) / b
-            return {"eps": eps, "x0": x0, "v": a * eps - b * x0}[prediction].to(x_t.dtype)
-
-        return model
-
-    def ode_end(self, schedule, x_T):
-        """(One Gaussian) Where the exact probability-flow ODE takes x_T, as the deterministic samplers run it:
-        from y = x_T / sqrt(alpha_bar_{T-1}) at sigma_max down to sigma_0 (t = 0), then the last step's x0_hat.
-
-        With D(y; sigma) = mu + Sigma (Sigma + sigma^2 I)^{-1} (y - mu), each eigen-direction of Sigma (variance lam)
-        obeys d(y - mu)/dsigma = sigma (y - mu) / (lam + sigma^2): y - mu scales like sqrt(lam + sigma^2). So it is
-        multiplied by sqrt((lam + sigma_0^2) / (lam + sigma_max^2)), then by lam / (lam + sigma_0^2) (that is D)."""
-        (mu,), (lam,), (U,) = self.means, self.lam, self.U
-        ab_T = schedule.alpha_bar[-1]
-        smax2, s02 = (1 - ab_T) / ab_T, schedule.sigmas[0] ** 2
-        z = (x_T.double() / ab_T.sqrt() - mu) @ U
-        return mu + (z * lam / ((lam + s02) * (lam + smax2)).sqrt()) @ U.T
-
-
-GAUSS = Mixture([1.0], [[1.0, -2.0]], [[[0.36, 0.30], [0.30, 0.89]]])  # correlated: Sigma = A A^T, A = [[.6, 0], [.5, .8]]
-MIXTURE = Mixture([0.3, 0.7], [[-2.0, 0.0], [1.5, 1.0]], [[[0.3, 0.1], [0.1, 0.2]], [[0.5, -0.2], [-0.2, 0.4]]])
+GAUSS = GaussianMixture([1.0], [[1.0, -2.0]], [[[0.36, 0.30], [0.30, 0.89]]])  # correlated: Sigma = A A^T, A = [[.6, 0], [.5, .8]]
+MIXTURE = GaussianMixture([0.3, 0.7], [[-2.0, 0.0], [1.5, 1.0]], [[[0.3, 0.1], [0.1, 0.2]], [[0.5, -0.2], [-0.2, 0.4]]])
 LDM = NoiseSchedule.from_name("scaled_linear", 1000)
 
 
@@ -337,12 +263,21 @@ def test_order_of_accuracy_against_the_exact_ode_solution(sampler):
     steps, errors = [], []
     for k in (20, 40, 80):
         x = run(sampler, GAUSS.model(LDM), n, LDM, steps=k)
-        steps.append(k if sampler == "ddim" else len(karras_timesteps(LDM, k)))
-        errors.append((x.double() - exact).pow(2).sum(1).mean().sqrt())
-    log_n, log_e = torch.tensor(steps, dtype=torch.float64).log(), torch.stack(errors).log()
-    slope = -((log_n - log_n.mean()) * (log_e - log_e.mean())).sum() / (log_n - log_n.mean()).pow(2).sum()
+        steps.append(len(sampler_timesteps(LDM, sampler, k)))  # Karras spacing merges a few at T = 1000
+        errors.append(float((x.double() - exact).pow(2).sum(1).mean().sqrt()))
+    assert steps == ([20, 40, 80] if sampler == "ddim" else [len(karras_timesteps(LDM, k)) for k in (20, 40, 80)])
+    slope = fitted_order(steps, errors)
     order, tol = ORDERS[sampler]
-    assert abs(slope - order) < tol, f"{sampler}: measured order {slope:.2f}, errors {torch.stack(errors).tolist()}"
+    assert abs(slope - order) < tol, f"{sampler}: measured order {slope:.2f}, errors {errors}"
+
+
+def test_fitted_order_reads_the_slope_of_a_power_law():
+    steps = [5, 10, 20, 40]
+    assert fitted_order(steps, [3.0 * k**-2 for k in steps]) == pytest.approx(2.0)
+    assert fitted_order(steps, [0.1 * k**-1.0 * (1 + 0.01 * i) for i, k in enumerate(steps)]) == pytest.approx(
+        1.0, abs=0.02)
+    with pytest.raises(ValueError, match="positive errors"):
+        fitted_order([10, 20], [0.1, 0.0])
 
 
 def test_ddim_eta0_is_euler_and_dpmpp_2m_starts_as_ddim(sched):
@@ -365,7 +300,7 @@ def test_ddim_eta0_is_euler_and_dpmpp_2m_starts_as_ddim(sched):
 BUDGET = {"ddpm": None, "ddim": 100, "euler": 100, "heun": 50, "dpmpp_2m": 100}
 
 
-def assert_moments(x, data: Mixture, allowance=0.06):
+def assert_moments(x, data: GaussianMixture, allowance=0.06):
     x = x.double()
     n, mean, centred = len(x), x.mean(0), x - x.mean(0)
     products = centred[:, :, None] * centred[:, None, :]  # (n, D, D): the covariance is their mean
@@ -373,6 +308,42 @@ def assert_moments(x, data: Mixture, allowance=0.06):
     assert ((mean - data.mean).abs() < 5 * mean_se).all(), (mean, data.mean)
     cov_err = (products.mean(0) * n / (n - 1) - data.cov).abs()
     assert (cov_err < 5 * cov_se + allowance * data.cov.abs().max()).all(), (products.mean(0), data.cov)
+
+
+def test_gaussian_mixture_closed_forms():
+    """The mixture's draws have its closed-form moments, and its denoiser is E[x0 | x_t]: the error x0 - D(x_t) of
+    the conditional mean is orthogonal to every function of x_t (checked on x_t, D and a nonlinear one, by Monte
+    Carlo), which no other estimator achieves; for one Gaussian D is the linear formula mu + a Sigma C^-1 (x_t - a mu)."""
+    g = torch.Generator().manual_seed(4)
+    x0 = MIXTURE.sample(40000, generator=g)
+    assert x0.shape == (40000, 2) and x0.dtype == torch.float64
+    assert_moments(x0, MIXTURE, allowance=0.0)
+    for ab in (0.9, 0.3, 0.02):
+        x_t = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        d = MIXTURE.x0_given_xt(x_t, ab)
+        residual = x0 - d
+        for f in (x_t, d, torch.tanh(x_t[:, :1] * x_t[:, 1:])):
+            products = residual[:, :, None] * f[:, None, :]  # (n, 2, k): their means must vanish
+            assert (products.mean(0).abs() < 5 * products.std(0) / math.sqrt(len(x0))).all(), (ab, products.mean(0))
+    ab, x_t = 0.4, torch.randn(5, 2, generator=g, dtype=torch.float64)
+    (mu,), (cov,) = GAUSS.means, GAUSS.covs
+    c = ab * cov + (1 - ab) * torch.eye(2, dtype=torch.float64)
+    linear = mu + math.sqrt(ab) * torch.linalg.solve(c, (x_t - math.sqrt(ab) * mu).T).T @ cov
+    torch.testing.assert_close(GAUSS.x0_given_xt(x_t, ab), linear)
+    torch.testing.assert_close(GAUSS.x0_given_xt(x_t, 1 - 1e-12), x_t, rtol=0, atol=1e-9)  # no noise: x_t itself
+
+
+def test_gaussian_mixture_errors(sched):
+    with pytest.raises(ValueError, match="positive weights summing to 1"):
+        GaussianMixture([0.5, 0.6], [[0.0], [1.0]], [[[1.0]], [[1.0]]])
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 2.0], [2.0, 1.0]]])
+    with pytest.raises(ValueError, match="one Gaussian; this mixture has 2"):
+        MIXTURE.ode_end(sched, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="one int64 timestep per sample"):
+        GAUSS.model(sched)(torch.zeros(2, 2), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="outside 0..199"):
+        GAUSS.model(sched)(torch.zeros(2, 2), torch.tensor([200, 200]))
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -398,7 +369,7 @@ def test_deterministic_samplers_carry_the_start_error_of_scaled_linear():
     the start's mean error to a mean shrunk towards 0 (the closed form: ode_end is affine, its value at x_T = 0 is
     the sample mean): by s sqrt(alpha_bar_{T-1}) = 6.8% for s = 1, 3.4% for s = 0.5. Heun reproduces it; DDPM's
     fresh noise washes most of it out."""
-    n, data = 20000, Mixture([1.0], [[2.0, 3.0]], [[[1.0, 0.0], [0.0, 0.25]]])
+    n, data = 20000, GaussianMixture([1.0], [[2.0, 3.0]], [[[1.0, 0.0], [0.0, 0.25]]])
     expected = data.ode_end(LDM, torch.zeros(1, 2))[0]
     torch.testing.assert_close(expected, data.mean * (1 - data.cov.diagonal().sqrt() * LDM.sqrt_alpha_bar[-1]),
                                rtol=2e-3, atol=0)
@@ -411,11 +382,11 @@ def test_deterministic_samplers_carry_the_start_error_of_scaled_linear():
 
 
 def test_ddim_with_eta_1_at_all_T_steps_is_ddpm(sched, samples):
-    """Same seed, same noise draws: the very same samples as ddpm_sample, so the same moments (exact_moments)."""
+    """Same seed, same noise draws: the very same samples as ddpm_sample, so the same moments (ddpm_moments)."""
     x = sample(oracle(sched, MU, S), (N, 2), sched, "ddim", steps=sched.T, eta=1.0,
                generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x, samples, rtol=1e-4, atol=1e-4)
-    m, V = exact_moments(sched, MU, S)
+    m, V = ddpm_moments(sched, MU, S)
     assert ((x.mean(0).double() - m).abs() < 5 * (V / N).sqrt()).all()
     assert ((x.var(0).double() - V).abs() < 5 * V * math.sqrt(2 / (N - 1))).all()
     # "ddpm" with fewer steps is DDIM with eta = 1 on those timesteps; with all of them it is ddpm_sample itself
@@ -463,6 +434,27 @@ def test_model_calls_trajectory_and_callback(sampler, sched):
     assert [(i, t) for i, t, _, _ in seen] == list(enumerate(ts)) and seen[0][2:] == ((8, 2), (8, 2))
     assert all(isinstance(f, Snapshot) for f in traj) and traj[0].t == 199 and traj[-1].t == 0
     assert 5 <= len(traj) <= 12 and torch.equal(traj[-1].x0_hat, x)  # the last frame's x0 guess is the sample
+    assert len(calls) == model_calls(sched, sampler, steps) == (2 * len(ts) - 1 if sampler == "heun" else len(ts))
+    frames = pick_frames(traj, 4)  # what notebooks show: evenly spread, first and last (t = 0) included
+    assert len(frames) == 4 and frames[0] is traj[0] and frames[-1] is traj[-1] and frames[-1].t == 0
+
+
+def test_pick_frames():
+    frames = list(range(11))  # e.g. DDPM at T = 1000: t = 999, 900, ..., 100, 0
+    assert pick_frames(frames, 8) == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert frames[:: len(frames) // 8][:8] == [0, 1, 2, 3, 4, 5, 6, 7]  # the stride slicing it replaces lost the end
+    assert pick_frames(frames, 2) == [0, 10] and pick_frames(frames, 1) == [10] and pick_frames(frames, 20) == frames
+    assert pick_frames(list(range(21)), 5) == [0, 5, 10, 15, 20]
+    with pytest.raises(ValueError, match="positive int"):
+        pick_frames(frames, 0)
+
+
+def test_sampler_timesteps_and_model_calls():
+    assert sampler_timesteps(LDM, "ddpm") == list(range(999, -1, -1)) and model_calls(LDM, "ddpm") == 1000
+    assert sampler_timesteps(LDM, "ddim", 4) == uniform_timesteps(1000, 4) and model_calls(LDM, "ddim") == 50
+    assert sampler_timesteps(LDM, "dpmpp_2m", 20) == karras_timesteps(LDM, 20)
+    assert model_calls(LDM, "heun", 20) == 39 and model_calls(LDM, "euler", 50) == 49  # two sigmas merged
+    assert sampler_timesteps(LDM, "euler", [500, 20, 0]) == [500, 20, 0] and model_calls(LDM, "heun", [9, 0]) == 3
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -496,8 +488,18 @@ def test_sample_errors(sched):
             sample(model, (4, 2), sched, **kwargs)
 
     bad(r"unknown sampler 'dpm'; choose one of \('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m'\)", sampler="dpm")
-    for steps in (0, 201, 2.5, True, "50"):
-        bad(r"steps must be an int from 1 to T=200", sampler="ddim", steps=steps)
+    for sampler in SAMPLERS:  # a step count the schedule cannot provide: none, more than T, not an integer
+        for steps in (0, -3, 201, 2.5, 20.0, True, "50"):
+            bad(r"steps must be an int from 1 to T=200 \(the schedule's number of timesteps\), got", sampler=sampler,
+                steps=steps)
+        # guidance below 1 is not guidance (check_guidance's docstring): an error naming the fix, before any work
+        for scale in (0.5, 0.0, -2.0, float("nan"), "3", None):
+            bad(r"guidance_scale must be a number >= 1 \(1 = no guidance.*pass the empty caption", sampler=sampler,
+                guidance_scale=scale, context=torch.zeros(4, 1), uncond_context=torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="guidance_scale must be a number >= 1"):
+        ddpm_sample(model, (4, 2), sched, guidance_scale=0.9)
+    with pytest.raises(ValueError, match="unknown sampler 'DDIM'"):
+        model_calls(sched, "DDIM", 20)
     bad("strictly decreasing integers in", sampler="euler", steps=[0, 50, 199])
     bad("strictly decreasing integers in", sampler="ddim", steps=[250, 0])
     bad("strictly decreasing integers in", sampler="ddim", steps=[])

@@ -43,7 +43,7 @@ from minildm.samplers import (
     DEFAULT_STEPS,
     SAMPLERS,
     _check_steps,
-    check_guidance,
+    check_guidance,  # (defined beside classifier-free guidance; re-exported by minildm.applications)
     ddim_step,
     model_output,
     sample,
