@@ -198,7 +198,7 @@ def test_train_on_mnist_class_conditional(mnist_run, capsys):
     manifest = json.loads((mnist_run / "data.json").read_text())
     assert manifest["condition"] == "class" and manifest["channels"] == 1 and len(manifest["classes"]) == 10
     result = json.loads((mnist_run / "evaluation.json").read_text())
-    scores = result["data"]["by_guidance"]["3.0"]
+    scores = result["data"]["by_guidance"][str(DATA_PRESETS["mnist"].guidance)]
     assert 0 <= scores["class_accuracy"] <= 1 and scores["fd"] >= 0 and result["data"]["fd_real_floor"] > 0
     assert "classifier" in result["feature_network"] and "not Inception" in result["feature_network"]
     for picture in ("reconstructions.png", "samples.png"):
