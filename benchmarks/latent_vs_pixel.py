@@ -13,7 +13,8 @@ For each space the script
 Latent throughput is reported twice: on one fixed batch of latents (the training step alone, as for pixels) and
 as latent training really runs, drawing each Shapes batch and encoding it with the autoencoder on the fly.
 The budget is checked at log lines (every 50 steps), so each run records the seconds it actually trained.
-It prints a table and writes results.json.
+It prints a table and writes results.json. This script measures speed; quality at equal wall time (the judge's
+caption accuracy and FD along training) and the downsampling-factor study are `benchmarks/claims.py`.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
         title += "\n(fast mode: a tiny model trained for a few dozen steps; unset MINILDM_FAST on a GPU for real samples)"
     grid = save_grid(out / "samples.png", samples, nrow=4, captions=captions, title=title)
     print(f"wrote {grid}; {time.perf_counter() - start:.0f} s of training and sampling")
-    result = evaluate_run(out, rt, n=args.eval_n, guidance_scales=(args.guidance,))
+    result = evaluate_run(out, rt, n=args.eval_n, guidance_scales=(3.0 if args.guidance is None else args.guidance,))
     print(format_evaluation(result))
     print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
     return 0
@@ -179,6 +179,7 @@ def cmd_train_data(args) -> int:
     if args.f != 4:
         preset = dataclasses.replace(preset, f=args.f)
     print(preset.describe(rt.fast))
+    guidance = preset.guidance if args.guidance is None else args.guidance
     if args.root is None:
         raise ValueError(f"--dataset {args.dataset} needs --root PATH, the folder that holds it")
     root = Path(args.root).expanduser().resolve()
@@ -250,9 +251,9 @@ def cmd_train_data(args) -> int:
     per_class = (2 if rt.fast else 4) if condition == "class" else 16
     names = [c for c in (data.classes or [""])[:10] for _ in range(per_class)]
     samples = generate(denoiser, names, schedule, shape, rt, prediction=ldm.diffusion.prediction,
-                       guidance_scale=args.guidance if condition == "class" else 1.0, autoencoder=autoencoder,
+                       guidance_scale=guidance if condition == "class" else 1.0, autoencoder=autoencoder,
                        progress=True, sampler="dpmpp_2m", steps=20)
-    title = f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {args.guidance}"
+    title = f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {guidance:g}"
                                                                       if condition == "class" else "")
     if rt.fast:
         title += "\n(fast mode: tiny models trained for a few steps)"
@@ -264,7 +265,7 @@ def cmd_train_data(args) -> int:
         print(f"[3/3] the course's classifier for {args.dataset} (class accuracy, FD/KID features): "
               f"checkpoint {out / 'classifier.pt'}")
         train_classifier(cfg, train_cfg, feeder(train_cfg.batch_size), rt, out / "classifier.pt", data.classes)
-    result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(args.guidance,),
+    result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(guidance,),
                           sampler="dpmpp_2m", steps=20)
     print(format_evaluation(result))
     print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
@@ -507,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the PatchGAN term to the autoencoder's loss (off by default: on Shapes it costs fidelity)")
     p.add_argument("--eval-n", type=int, default=None,
                    help="held-out captions sampled for the final evaluation (default: 512, 32 in fast mode)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the samples and the evaluation")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale of the samples and the evaluation (default: 3 on Shapes, the preset's on a "
+                   "real data set)")
     p.add_argument("--dataset", default="shapes", choices=["shapes", "mnist", "fashion-mnist", "cifar10", "celeba",
                                                             "imagefolder"],
                    help="what to train on (default: Shapes, text-conditioned); a real data set uses its preset "

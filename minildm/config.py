@@ -8,7 +8,7 @@ stage needs. `fast=None` means "ask the environment" (MINILDM_FAST=1 selects fas
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from minildm.autoencoder import AutoencoderConfig
@@ -149,6 +149,12 @@ class DataPreset:
     diffusion_seconds: float
     classifier_seconds: float
     fast_images: int = 384
+    autoencoder_batch_size: int = 64
+    diffusion_batch_size: int = 256
+    diffusion_lr: float = 2e-4
+    # UNetConfig fields that differ from the Shapes recipe's (e.g. fewer levels for 8x8 latents)
+    unet: dict = field(default_factory=dict)
+    guidance: float = 3.0  # classifier-free guidance of the samples and the evaluation of `minildm train`
 
     def __post_init__(self):
         multiple = 4 * self.f  # the latents (image_size / f) go through the UNet's two halvings
@@ -165,6 +171,7 @@ class DataPreset:
         recipe = autoencoder_recipe(regularizer, self.f, fast, image_size=self.image_size, channels=self.channels)
         if not _fast(fast):
             recipe.train.max_seconds = self.autoencoder_seconds
+            recipe.train.batch_size = self.autoencoder_batch_size
         else:
             recipe.train.steps = 20
         return recipe
@@ -175,6 +182,8 @@ class DataPreset:
         recipe.diffusion.condition = condition
         if not _fast(fast):  # a budget of seconds, as in the preset (not the Shapes recipe's 1,500 steps)
             recipe.train.max_seconds, recipe.train.steps = self.diffusion_seconds, 10**6
+            recipe.train.batch_size, recipe.train.lr = self.diffusion_batch_size, self.diffusion_lr
+            recipe.unet = replace(recipe.unet, **self.unet)
         else:
             recipe.train.steps = 20
         return recipe
@@ -192,22 +201,36 @@ class DataPreset:
         if _fast(fast):
             budget = f"fast mode: {self.fast_images} images decoded, at most 32 held out, 20 + 20 + 40 steps"
         else:
-            budget = (f"{self.autoencoder_seconds:.0f} s autoencoder + {self.diffusion_seconds:.0f} s latent "
-                      f"diffusion + {self.classifier_seconds:.0f} s classifier on one GPU")
+            unet = "".join(f", {k} {v}" for k, v in self.unet.items())
+            budget = (f"{self.autoencoder_seconds:.0f} s autoencoder (batch {self.autoencoder_batch_size}) + "
+                      f"{self.diffusion_seconds:.0f} s latent diffusion (batch {self.diffusion_batch_size}, lr "
+                      f"{self.diffusion_lr:g}{unet}) + {self.classifier_seconds:.0f} s classifier on one GPU; "
+                      f"guidance {self.guidance:g}")
         return (f"preset {self.name}: {self.image_size} px, {self.channels} channel(s), f={self.f} -> latents "
                 f"4x{self.image_size // self.f}x{self.image_size // self.f}, {self.held_out} images held out, "
                 f"random flips {'on' if self.hflip else 'off'}; {budget}")
 
 
 DATA_PRESETS = {
-    # MNIST: the goal is a whole run in 5 minutes on one GPU (not yet measured).
-    "mnist": DataPreset("mnist", 32, 1, 4, held_out=2000, hflip=False, autoencoder_seconds=60,
-                        diffusion_seconds=180, classifier_seconds=30),
-    "fashion-mnist": DataPreset("fashion-mnist", 32, 1, 4, held_out=2000, hflip=True, autoencoder_seconds=60,
-                                diffusion_seconds=180, classifier_seconds=30),
-    # CIFAR-10's 32 px photos lose too much at f=4 (8x8 latents); f=2 keeps 16x16.
+    # MNIST: the goal is a whole run in at most 5 minutes on one GPU (not yet measured on one): 45 + 180 + 20 s of
+    # training plus decoding, sampling and the evaluation. Its 32 px digits go to 4x8x8 latents (f=4: a digit is a
+    # few strokes, 8x8x4 numbers hold it). A UNet level at 2x2 adds kernels but sees nothing new, so the UNet has two
+    # levels (8x8 and 4x4, attention at both): fewer kernels per step, and a step of the recipe is launch-bound on a
+    # big GPU (README "Training speed"), so fewer kernels should buy more steps in the same seconds. For the same
+    # reason a batch of 512 at 8x8 (the work of 128 at 16x16) should cost little more per step than 256 and halves the
+    # gradient noise. Guidance 2: digits need less push than Shapes captions, and stronger guidance narrows the
+    # samples (a higher FD). All of this is reasoning from the Shapes measurements, not yet measured on MNIST.
+    "mnist": DataPreset("mnist", 32, 1, 4, held_out=2000, hflip=False, autoencoder_seconds=45,
+                        diffusion_seconds=180, classifier_seconds=20, autoencoder_batch_size=128,
+                        diffusion_batch_size=512, diffusion_lr=3e-4,
+                        unet={"channel_mult": (1, 2), "attention_levels": (0, 1)}, guidance=2.0),
+    "fashion-mnist": DataPreset("fashion-mnist", 32, 1, 4, held_out=2000, hflip=True, autoencoder_seconds=45,
+                                diffusion_seconds=180, classifier_seconds=20, autoencoder_batch_size=128,
+                                diffusion_batch_size=512, diffusion_lr=3e-4,
+                                unet={"channel_mult": (1, 2), "attention_levels": (0, 1)}, guidance=2.0),
+    # CIFAR-10's 32 px photos lose too much at f=4 (8x8 latents); f=2 keeps 16x16, the Shapes recipe's latent size.
     "cifar10": DataPreset("cifar10", 32, 3, 2, held_out=2000, hflip=True, autoencoder_seconds=120,
-                          diffusion_seconds=240, classifier_seconds=60),
+                          diffusion_seconds=240, classifier_seconds=60, autoencoder_batch_size=128),
     "celeba": DataPreset("celeba", 64, 3, 4, held_out=2000, hflip=True, autoencoder_seconds=120,
                          diffusion_seconds=240, classifier_seconds=60),
     "imagefolder": DataPreset("imagefolder", 64, 3, 4, held_out=1000, hflip=True, autoencoder_seconds=120,

@@ -198,7 +198,7 @@ def test_train_on_mnist_class_conditional(mnist_run, capsys):
     manifest = json.loads((mnist_run / "data.json").read_text())
     assert manifest["condition"] == "class" and manifest["channels"] == 1 and len(manifest["classes"]) == 10
     result = json.loads((mnist_run / "evaluation.json").read_text())
-    scores = result["data"]["by_guidance"]["3.0"]
+    scores = result["data"]["by_guidance"][str(DATA_PRESETS["mnist"].guidance)]
     assert 0 <= scores["class_accuracy"] <= 1 and scores["fd"] >= 0 and result["data"]["fd_real_floor"] > 0
     assert "classifier" in result["feature_network"] and "not Inception" in result["feature_network"]
     for picture in ("reconstructions.png", "samples.png"):
@@ -253,3 +253,23 @@ def test_unconditional_run_on_an_unlabelled_image_folder(tmp_path, capsys):
                  "ddim", "--steps", "2"]) == 0
     assert main(["sample", "cat", "--run", str(out), "--fast"]) == 2
     assert "unconditional" in capsys.readouterr().err
+
+
+def test_a_corrupt_file_is_counted_by_minildm_train_and_sample_refuses_an_unknown_class(tmp_path, capsys):
+    # A labelled image folder with one unreadable file among good ones, of mixed sizes and modes: the run trains on
+    # the others, records the skip in data.json, and `minildm sample` names the classes it knows.
+    for label, mode in (("cats", "RGB"), ("dogs", "L"), ("owls", "P")):
+        write_images(tmp_path / "pics" / label, [(f"{i}.png", mode, (18 + i, 20)) for i in range(8)])
+    (tmp_path / "pics" / "cats" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipped 1 of 25 files"):
+        rc = main(["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(out), "--fast",
+                   "--image-size", "16", "--steps", "2", "--eval-n", "4"])
+    assert rc == 0
+    manifest = json.loads((out / "data.json").read_text())
+    assert manifest["skipped"] == 1 and manifest["images"] == 24 and manifest["condition"] == "class"
+    assert manifest["classes"] == ["cats", "dogs", "owls"]
+    assert "1 unreadable files skipped" in capsys.readouterr().out
+    assert main(["sample", "dog", "--run", str(out), "--fast"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown class 'dog'" in err and "cats, dogs, owls" in err
