@@ -170,7 +170,7 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(device)
 
 
-def cuda_graphed(fn, *example_args: torch.Tensor, warmup: int = 3):
+def cuda_graphed(fn, *example_args: torch.Tensor, warmup: int = 1):
     """Record `fn(*example_args)` once as a CUDA graph; return a function that replays it on new tensors of the
     same shapes, dtypes and device (copied into the recorded input buffers) and returns a copy of the output.
 
@@ -183,7 +183,9 @@ def cuda_graphed(fn, *example_args: torch.Tensor, warmup: int = 3):
     static_args = [a.clone() for a in example_args]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: cuDNN/cuBLAS pick their algorithms and workspaces
+    # warm-up: cuDNN/cuBLAS pick their algorithms and workspaces on the first call; one pass does it (each pass is a
+    # full model call, which a 20-step sampler would pay for again and again: notebook 08 times it per sample)
+    with torch.cuda.stream(side):
         for _ in range(warmup):
             fn(*static_args)
     torch.cuda.current_stream().wait_stream(side)
