@@ -115,6 +115,28 @@ class Trainer:
             return None
         return target
 
+    def _first_compiled_step(self, batch, sync) -> dict:
+        """The first step of a compiled run, timed alone (it compiles). If compiling fails (a torch version or a
+        platform the compiler does not support), say why and train on eagerly: the step is simply taken again."""
+        sync()
+        t0 = time.perf_counter()
+        try:
+            logs = self.train_step(batch)
+            sync()
+        except Exception as err:  # any compiler failure (checked below); the step is then taken eagerly
+            if isinstance(err, distributed.DistributedError) or not _is_compiler_error(err):
+                raise
+            self.compiled._compiled_call_impl = None
+            self.compiled = None
+            print(f"torch.compile ({self.cfg.compile}) failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}; "
+                  "training on without compilation", file=sys.stderr, flush=True)
+            return self.train_step(batch)
+        self.compile_seconds = time.perf_counter() - t0
+        if self.place.is_main:
+            tqdm.write(f"torch.compile ({self.cfg.compile}): the first {self.task.kind} step took "
+                       f"{self.compile_seconds:.0f} s (compilation; counted in the training time)")
+        return logs
+
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
         return {
@@ -213,14 +235,7 @@ class Trainer:
             while not done():
                 batch = batch_at(self.step)
                 if self.compiled is not None and self.compile_seconds is None:  # the first step compiles: time it alone
-                    sync()
-                    t0 = time.perf_counter()
-                    logs = self.train_step(batch)
-                    sync()
-                    self.compile_seconds = time.perf_counter() - t0
-                    if self.place.is_main:
-                        tqdm.write(f"torch.compile ({self.cfg.compile}): the first {self.task.kind} step took "
-                                   f"{self.compile_seconds:.0f} s (compilation; counted in the training time)")
+                    logs = self._first_compiled_step(batch, sync)
                 else:
                     logs = self.train_step(batch)
                 self.step += 1
@@ -276,6 +291,12 @@ class Trainer:
                   + (f", {last['images_per_s']:,.0f} images/s" if "images_per_s" in last else "")
                   + (f"; {losses}" if losses else ""), flush=True)
         return self.history
+
+
+def _is_compiler_error(err: BaseException) -> bool:
+    """Whether an exception comes from torch.compile's machinery (Dynamo, Inductor, Triton, the C++ compiler)."""
+    module = type(err).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "triton")) or "BackendCompilerFailed" in type(err).__name__
 
 
 def check_same_config(saved: dict | None, current: dict, path) -> None:

@@ -234,3 +234,49 @@ def test_cuda_compiled_training_matches_eager_and_leaves_the_model_plain(mode):
     assert compiled.task.model._compiled_call_impl is None, "after fit() the network runs eagerly again"
     assert list(compiled.task.state_dict()) == list(eager.task.state_dict()), "compiling must not rename weights"
     torch.testing.assert_close(compiled.task.state_dict(), eager.task.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_eager_training(capsys):
+    """A compiler failure in the first compiled step (simulated: an error raised from torch._dynamo's namespace)
+    is reported and training goes on eagerly; any other error still stops training."""
+
+    class BackendCompilerFailed(RuntimeError):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+    trainer = Trainer(CompiledToy(), config(), CPU)
+    trainer.compiled, trainer.cfg.compile = trainer.task.model, "default"  # as on CUDA
+    real_step, calls = trainer.train_step, []
+
+    def failing_once(batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise BackendCompilerFailed("inductor: no C compiler")
+        return real_step(batch)
+
+    trainer.train_step = failing_once
+    history = trainer.fit(batch_at, progress=False)
+    assert "failed: BackendCompilerFailed: inductor: no C compiler; training on without compilation" in \
+        capsys.readouterr().err
+    assert trainer.compiled is None and trainer.task.model._compiled_call_impl is None
+    assert trainer.step == 20 and len(calls) == 21 and history[-1]["loss"] < 0.2 * history[0]["loss"]
+
+    other = Trainer(CompiledToy(), config(), CPU)
+    other.compiled, other.cfg.compile = other.task.model, "default"
+    other.train_step = lambda batch: (_ for _ in ()).throw(ValueError("a bug in the task"))
+    with pytest.raises(ValueError, match="a bug in the task"):
+        other.fit(batch_at, progress=False)
+
+
+def test_minildm_train_compiles_by_default_only_on_a_gpu_in_full_mode():
+    import argparse
+
+    from minildm.cli import compile_mode
+
+    def mode(flag, device, fast):
+        return compile_mode(argparse.Namespace(compile=flag),
+                            Runtime(device=torch.device(device), dtype=torch.float32, fast=fast))
+
+    assert mode("auto", "cuda", False) == "reduce-overhead"
+    assert mode("auto", "cuda", True) is None and mode("auto", "cpu", False) is None
+    assert mode("off", "cuda", False) is None and mode("default", "cpu", True) == "default"
