@@ -186,6 +186,18 @@ def expect_tensor(got, expected: torch.Tensor, name: str, case: str, atol: float
         raise ExerciseError(f"{name} ({case}): {wrong} of {expected.numel()} entries differ from the expected values.")
 
 
+def expect_loss_gradients(got: torch.Tensor, want: torch.Tensor, model, reference_model, name: str,
+                          case: str) -> None:
+    """The student's loss `got` must carry a gradient, and backpropagating it must give `model` the gradients that
+    the reference loss `want` gives `reference_model` (a copy with the same weights)."""
+    if not got.requires_grad:
+        raise ExerciseError(f"{name} ({case}): the loss has no gradient; do not detach the model output.")
+    got.backward()
+    want.backward()
+    for (label, p), p_ref in zip(model.named_parameters(), reference_model.parameters()):
+        expect_tensor(p.grad, p_ref.grad, name, f"{case}: gradient w.r.t. the model's {label}", atol=1e-4)
+
+
 def expect_value_error(fn, name: str, case: str, *args, why: str) -> None:
     """The student's function must refuse this input with a ValueError (the course's rule: clear errors, raised
     early); `why` completes "raise a ValueError that ..."."""

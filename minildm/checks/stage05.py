@@ -10,6 +10,7 @@ from torch import nn
 from minildm import diffusion as ref
 from minildm.checks import (
     ExerciseError,
+    expect_loss_gradients,
     expect_tensor,
     expect_value_error,
     known_mistake,
@@ -209,10 +210,5 @@ def check_diffusion_loss(fn) -> None:
                 "that is the mean absolute error; eq. (1) squares the error.": (out - target).abs().mean(),
             }, name, case)
         expect_tensor(got, want.detach(), name, case + ": the loss value")
-        if not got.requires_grad:
-            raise ExerciseError(f"{name} ({case}): the loss has no gradient; do not detach the model output.")
-        got.backward()
-        want.backward()
-        for (label, p), p_ref in zip(model.named_parameters(), reference_model.parameters()):
-            expect_tensor(p.grad, p_ref.grad, name, f"{case}: gradient w.r.t. the model's {label}", atol=1e-4)
+        expect_loss_gradients(got, want, model, reference_model, name, case)
     passed(name, "model sees x_t and t, loss = mean squared error to the target, gradients reach the model")

@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 
 from minildm.autoencoder import Autoencoder, AutoencoderConfig
-from minildm.checks import ExerciseError, expect_tensor, known_mistake, passed, run, written_here
+from minildm.checks import (
+    ExerciseError,
+    expect_loss_gradients,
+    expect_tensor,
+    known_mistake,
+    passed,
+    run,
+    written_here,
+)
 from minildm.checks.stage05 import _ProbeModel
 from minildm.data import ShapesConfig, ShapesDataset
 from minildm.schedules import NoiseSchedule
@@ -205,12 +213,7 @@ def check_latent_diffusion_loss(fn) -> None:
                     (out - noise).pow(2).sum(),
             }, name, case, want.detach())
         expect_tensor(got, want.detach(), name, case + ": the loss value")
-        if not got.requires_grad:
-            raise ExerciseError(f"{name} ({case}): the loss has no gradient; do not detach the model output.")
-        got.backward()
-        want.backward()
-        for (label, p), p_ref in zip(model.named_parameters(), reference_model.parameters()):
-            expect_tensor(p.grad, p_ref.grad, name, f"{case}: gradient w.r.t. the model's {label}", atol=1e-4)
+        expect_loss_gradients(got, want, model, reference_model, name, case)
         if any(p.grad is not None for p in autoencoder.parameters()):
             raise ExerciseError(f"{name} ({case}): the loss sent gradients into the autoencoder; the first stage is "
                                 "frozen while the diffusion model trains: encode under torch.no_grad().")
