@@ -1,7 +1,9 @@
-"""Checkers of exercises 01-09 (data, autoencoder, schedules, UNet blocks, objectives, latents, evaluation, samplers, guidance) accept a correct answer and
+"""Checkers of exercises 01-11 (data, autoencoder, schedules, UNet blocks, objectives, latents, evaluation, samplers,
+guidance, applications, real data) accept a correct answer and
 reject the unfilled stub and typical wrong answers with a message that says what is wrong."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -956,3 +958,281 @@ def test_stage01_reference_caption_is_the_plain_wording_of_the_grammar():
     """The checker's reference (shapes.caption with every first choice) on a hand-made image, written out by hand."""
     rows = torch.tensor([[0, 0, 1, 4], [5, 2, 0, 8], [-1, -1, -1, -1]])
     assert s01.reference_caption(rows) == "a large red circle at the center and a small yellow ring at the bottom right"
+
+
+# ---- exercises 10 (applications) and 11 (real data): correct answers and typical wrong ones ----------------------
+
+from PIL import Image
+from torchvision import transforms as T
+
+from minildm.applications import conditioned, editing
+from minildm.checks import stage10 as s10
+from minildm.checks import stage11 as s11
+from minildm.data import images as data_images
+
+STAGES += (s10, s11)
+
+
+def sdedit_start(x0, strength, alpha_bar, noise, mistake=None):
+    editing.check_strength(strength)
+    T_ = len(alpha_bar)
+    t0 = {"strength as t": round(strength), "int": int(strength * (T_ - 1)), "times T": round(strength * T_),
+          "from the end": T_ - 1 - round(strength * (T_ - 1))}.get(mistake, round(strength * (T_ - 1)))
+    index = {"index + 1": t0 + 1, "index - 1": t0 - 1}.get(mistake, t0)
+    ab = alpha_bar[index]
+    if mistake == "no sqrt":
+        return t0, (ab * x0 + (1 - ab) * noise).float()
+    if mistake == "swapped":
+        return t0, (ab.sqrt() * noise + (1 - ab).sqrt() * x0).float()
+    if mistake == "unit noise":
+        return t0, (ab.sqrt() * x0 + noise).float()
+    return t0, (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).float()
+
+
+def sdedit_start_without_checks(x0, strength, alpha_bar, noise):
+    t0 = round(min(max(strength, 0.0), 1.0) * (len(alpha_bar) - 1))
+    return t0, (alpha_bar[t0].sqrt() * x0 + (1 - alpha_bar[t0]).sqrt() * noise).float()
+
+
+def sdedit_start_in_place(x0, strength, alpha_bar, noise):
+    t0, x = sdedit_start(x0, strength, alpha_bar, noise)
+    return t0, x0.copy_(x)
+
+
+def replace_known(x_t, x0, mask, t, alpha_bar, noise, mistake=None):
+    index = {"t - 1": t - 1, "t + 1": t + 1, "t[0]": t[:1].expand(len(t))}.get(mistake, t)
+    ab = alpha_bar[index].view(-1, *[1] * (x0.ndim - 1))
+    known = (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).float() if mistake != "no sqrt" else \
+        (ab * x0 + (1 - ab) * noise).float()
+    if mistake == "clean":
+        known = x0
+    if mistake == "inverted":
+        return (1 - mask) * x_t + mask * known
+    if mistake == "fresh noise":
+        return mask * noise + (1 - mask) * known
+    return mask * x_t + (1 - mask) * known
+
+
+def replace_known_4d_only(x_t, x0, mask, t, alpha_bar, noise):
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    return mask * x_t + (1 - mask) * (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).float()
+
+
+def replace_known_in_place(x_t, x0, mask, t, alpha_bar, noise):
+    return x_t.copy_(replace_known(x_t, x0, mask, t, alpha_bar, noise))
+
+
+def inpainting_input(z_t, pixel_mask, images, encode, mistake=None):
+    pool = {"avg": F.adaptive_avg_pool2d, "nearest": lambda m, s: F.interpolate(m, size=s, mode="nearest")}.get(
+        mistake, F.adaptive_max_pool2d)
+    m = pool(pixel_mask, z_t.shape[-2:])
+    shown = {"unmasked": images, "inverted image": images * pixel_mask}.get(mistake, images * (1 - pixel_mask))
+    latents = encode(shown)
+    parts = {"condition first": [m, latents, z_t], "swapped": [z_t, latents, m], "inverted mask": [z_t, 1 - m, latents],
+             "no mask": [z_t, latents], "condition only": [m, latents]}.get(mistake, [z_t, m, latents])
+    return torch.cat(parts, dim=1)
+
+
+STAGE10 = [
+    (s10.check_sdedit_start, sdedit_start, [
+        (lambda *a: sdedit_start(*a, mistake="strength as t"), "strength as the timestep itself"),
+        (lambda *a: sdedit_start(*a, mistake="int"), "int\\(\\) cuts the fraction off"),
+        (lambda *a: sdedit_start(*a, mistake="times T"), "off by one|raised IndexError.*T - 1"),
+        (lambda *a: sdedit_start(*a, mistake="from the end"), "wrong end"),
+        (lambda *a: sdedit_start(*a, mistake="index + 1"), "alpha_bar\\[t0 \\+ 1\\]"),
+        (lambda *a: sdedit_start(*a, mistake="index - 1"), "alpha_bar\\[t0 - 1\\]"),
+        (lambda *a: sdedit_start(*a, mistake="no sqrt"), "square roots are missing"),
+        (lambda *a: sdedit_start(*a, mistake="swapped"), "swapped coefficients"),
+        (lambda *a: sdedit_start(*a, mistake="unit noise"), "without its weight"),
+        (lambda x0, s, ab, n: (round(s * (len(ab) - 1)), x0), "the guide itself"),
+        (lambda x0, s, ab, n: (round(s * (len(ab) - 1)), n), "noise alone"),
+        (lambda x0, s, ab, n: sdedit_start(x0, s, ab, n)[1], "return two things"),
+        (lambda x0, s, ab, n: (s * (len(ab) - 1), sdedit_start(x0, s, ab, n)[1]), "integer timestep"),
+        (sdedit_start_in_place, "changed x0 in place"),
+        (sdedit_start_without_checks, "raise a ValueError"),
+        (lambda x0, s, ab, n: (sdedit_start(x0, s, ab, n)[0], 1.001 * sdedit_start(x0, s, ab, n)[1]), "values are off"),
+    ]),
+    (s10.check_replace_known, replace_known, [
+        (lambda *a: replace_known(*a, mistake="inverted"), "mask is inverted"),
+        (lambda *a: replace_known(*a, mistake="clean"), "clean original x0"),
+        (lambda *a: replace_known(*a, mistake="t - 1"), "alpha_bar\\[t - 1\\]"),
+        (lambda *a: replace_known(*a, mistake="t + 1"), "alpha_bar\\[t \\+ 1\\]"),
+        (lambda *a: replace_known(*a, mistake="t[0]"), "first sample's timestep"),
+        (lambda *a: replace_known(*a, mistake="no sqrt"), "square roots are missing"),
+        (lambda *a: replace_known(*a, mistake="fresh noise"), "the hole holds fresh noise"),
+        (lambda x_t, x0, m, t, ab, n: replace_known(x0, x0, 0 * m, t, ab, n), "q\\(x_t \\| x0\\) everywhere"),
+        (lambda x_t, x0, m, t, ab, n: x_t.clone(), "x_t unchanged"),
+        (replace_known_4d_only, "got \\(4, 1, 4, 2\\).*view\\(-1"),
+        (replace_known_in_place, "changed x_t in place"),
+        (lambda *a: 1.001 * replace_known(*a), "values are off"),
+    ]),
+    (s10.check_inpainting_input, lambda z, m, x, e: torch.cat(
+        [z, conditioned.inpainting_condition(x, m, types.SimpleNamespace(encode_latents=e))], 1), [
+        (lambda *a: inpainting_input(*a, mistake="unmasked"), "encoded the whole images"),
+        (lambda *a: inpainting_input(*a, mistake="inverted image"), "inverted in the image"),
+        (lambda *a: inpainting_input(*a, mistake="condition first"), "wrong order"),
+        (lambda *a: inpainting_input(*a, mistake="swapped"), "two parts are swapped"),
+        (lambda *a: inpainting_input(*a, mistake="inverted mask"), "latent mask is inverted"),
+        (lambda *a: inpainting_input(*a, mistake="avg"), "shrunk by averaging"),
+        (lambda *a: inpainting_input(*a, mistake="nearest"), "nearest-neighbour"),
+        (lambda *a: inpainting_input(*a, mistake="no mask"), "got 4 channels"),
+        (lambda *a: inpainting_input(*a, mistake="condition only"), "got 3 channels"),
+        (lambda z, m, x, e: torch.cat([z, F.adaptive_max_pool2d(m, 4), z], 1), "encode was never called"),
+        (lambda *a: inpainting_input(*a) * 1.01, "values are off"),
+    ]),
+]
+
+
+@pytest.mark.parametrize("checker, correct, wrong", STAGE10, ids=lambda x: getattr(x, "__name__", ""))
+def test_stage10_checker_accepts_correct_answers_and_rejects_wrong_ones(checker, correct, wrong, capsys):
+    test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
+
+
+def test_stage10_sdedit_start_matches_what_img2img_starts_from():
+    """The checker's rule, t0 = round(strength (T - 1)) and q(x_t0 | x0), is the package's: img2img's first timestep
+    (sdedit_timesteps) and its start x_start = schedule.q_sample(x0, t0, noise)."""
+    schedule = schedules.NoiseSchedule.from_name("cosine", 50)
+    x0, noise = torch.randn(2, 3), torch.randn(2, 3)
+    for strength in (0.1, 0.62, 1.0):
+        t0, x = sdedit_start(x0, strength, schedule.alpha_bar, noise)
+        assert t0 == editing.sdedit_timesteps(50, strength, 10)[0]
+        torch.testing.assert_close(x, schedule.q_sample(x0, t0, noise))
+
+
+def image_transform(image_size, channels, mistake=None):
+    to_channels = T.Grayscale(1) if channels == 1 else T.Lambda(lambda im: im.convert("RGB"))
+    resize = {"squash": T.Resize((image_size, image_size), antialias=True), "crop only": T.Lambda(lambda im: im),
+              "nearest": T.Resize(image_size, interpolation=T.InterpolationMode.NEAREST),
+              "no crop": T.Resize(image_size)}.get(mistake, T.Resize(image_size, antialias=True))
+    crop = T.Lambda(lambda x: x) if mistake == "no crop" else T.CenterCrop(image_size)
+    values = {"unit": [T.ToTensor()], "mnist": [T.ToTensor(), T.Normalize([0.1307] * channels, [0.3081] * channels)],
+              "uint8": [T.PILToTensor()], "inverted": [T.ToTensor(), T.Lambda(lambda x: 1 - 2 * x)]}.get(
+        mistake, [T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)])
+    return T.Compose([to_channels, resize, crop, *values])
+
+
+def image_transform_tensor_resize(image_size, channels):
+    """Resizing the float tensor instead of the PIL image: within the checker's tolerance."""
+    to_channels = T.Grayscale(1) if channels == 1 else T.Lambda(lambda im: im.convert("RGB"))
+    return T.Compose([to_channels, T.ToTensor(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size),
+                      T.Normalize([0.5] * channels, [0.5] * channels)])
+
+
+def image_transform_mean_grey(image_size, channels):
+    if channels == 3:
+        return image_transform(image_size, 3)
+    return T.Compose([image_transform(image_size, 3), T.Lambda(lambda x: x.mean(0, keepdim=True))])
+
+
+def class_accuracy(logits, asked, mistake=None):
+    if len(logits) != len(asked):
+        raise ValueError("logits and asked labels differ in length")
+    if len(asked) and (asked.min() < 0 or asked.max() >= logits.shape[1]):
+        raise ValueError("labels must lie in 0..K-1")
+    acc, per = s11.reference_class_accuracy(logits, asked)
+    if mistake == "class mean":
+        acc = per.nanmean().item()
+    if mistake == "zero":
+        per = per.nan_to_num(0.0)
+    return acc, per
+
+
+def class_accuracy_by_prediction(logits, asked):
+    pred, K = logits.argmax(1), logits.shape[1]
+    right = (pred == asked).float()
+    return right.mean().item(), torch.bincount(pred, weights=right, minlength=K).float() / torch.bincount(
+        pred, minlength=K)
+
+
+def fd_ratio(samples, real, reference, fd):
+    floor = fd(real, reference)
+    if floor <= 0:
+        raise ValueError("the floor FD(real, reference) is 0: real and reference must be different images")
+    return fd(samples, reference) / floor
+
+
+STAGE11 = [
+    (s11.check_image_transform, image_transform, [
+        (lambda s, c: image_transform(s, c, "unit"), "values are in \\[0, 1\\]"),
+        (lambda s, c: image_transform(s, c, "mnist"), "MNIST's mean and std"),
+        (lambda s, c: image_transform(s, c, "uint8"), "uint8"),
+        (lambda s, c: image_transform(s, c, "inverted"), "inverted"),
+        (lambda s, c: image_transform(s, c, "squash"), "squashed"),
+        (lambda s, c: image_transform(s, c, "crop only"), "cropped without resizing"),
+        (lambda s, c: image_transform(s, c, "nearest"), "nearest neighbour"),
+        (lambda s, c: image_transform(s, c, "no crop"), "not square"),
+        (lambda s, c: image_transform(s, 1), "repeated into three"),
+        (lambda s, c: T.Compose([image_transform(s, c), T.Lambda(lambda x: x[0])]), "channel dimension is missing"),
+        (image_transform_mean_grey, "averaging R, G and B"),
+        (lambda s, c: T.Compose([T.Grayscale(c), T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)]), "not resized"),
+        (lambda s, c: image_transform(s, c)(Image.new("L", (s, s))), "return the transform itself"),
+        (lambda s, c: T.Compose([image_transform(s, c), T.Lambda(lambda x: x.numpy())]), "returned a ndarray"),
+        (lambda s, c: T.Compose([image_transform(s, c), T.Lambda(lambda x: x * 0.9)]), "values are off"),
+    ]),
+    (s11.check_class_accuracy, class_accuracy, [
+        (lambda *a: class_accuracy(*a, mistake="class mean"), "mean of the per-class accuracies"),
+        (lambda *a: (1 - class_accuracy(*a)[0], class_accuracy(*a)[1]), "error rate"),
+        (lambda lg, y: (float((lg.argmax(1) == y).sum()), class_accuracy(lg, y)[1]), "a count"),
+        (lambda lg, y: (lg.softmax(1)[torch.arange(len(y)), y].mean().item(), class_accuracy(lg, y)[1]),
+         "mean probability"),
+        (lambda lg, y: (torch.tensor(class_accuracy(lg, y)[0]), class_accuracy(lg, y)[1]), "Python float"),
+        (lambda lg, y: ((lg.argmax(0) == y).float().mean().item(), None), "raised RuntimeError.*argmax\\(dim=1\\)"),
+        (class_accuracy_by_prediction, "precision"),
+        (lambda *a: class_accuracy(*a, mistake="zero"), "never asked got 0"),
+        (lambda lg, y: (class_accuracy(lg, y)[0], class_accuracy(lg, y)[1] * torch.bincount(y, minlength=lg.shape[1])),
+         "counts of right samples"),
+        (lambda lg, y: class_accuracy(lg, y)[0], "return two things"),
+        (lambda lg, y: s11.reference_class_accuracy(lg, y), "raise a ValueError"),
+    ]),
+    (s11.check_fd_ratio, fd_ratio, [
+        (lambda s, r, ref, fd: fd(r, ref) / fd(s, ref), "upside down"),
+        (lambda s, r, ref, fd: fd(s, r) / fd(r, ref), "compared with the real half"),
+        (lambda s, r, ref, fd: fd(s, ref) - fd(r, ref), "a difference"),
+        (lambda s, r, ref, fd: fd(s, ref), "samples' FD alone"),
+        (lambda s, r, ref, fd: fd(s, ref) / max(fd(r, r), 1e-9), "compared a feature set with itself"),
+        (lambda s, r, ref, fd: torch.tensor([fd(s, ref) / fd(r, ref)]) * 1.01, "expected FD"),
+        (lambda s, r, ref, fd: fd(s, ref) / fd(r, ref) if fd(r, ref) else float("inf"), "raise a ValueError"),
+        (lambda s, r, ref, fd: [fd(s, ref) / fd(r, ref)], "one Python float"),
+    ]),
+]
+
+
+@pytest.mark.parametrize("checker, correct, wrong", STAGE11, ids=lambda x: getattr(x, "__name__", ""))
+def test_stage11_checker_accepts_correct_answers_and_rejects_wrong_ones(checker, correct, wrong, capsys):
+    test_checker_accepts_a_correct_answer_and_rejects_wrong_ones(checker, correct, wrong, capsys)
+
+
+def test_stage11_transform_within_tolerance_passes(capsys):
+    """Resizing the float tensor instead of the PIL image is a fine answer (under 0.01 from the package's)."""
+    s11.check_image_transform(image_transform_tensor_resize)
+    assert capsys.readouterr().out.startswith("PASS")
+
+
+def test_stage11_reference_class_accuracy_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    acc, per = s11.reference_class_accuracy(logits, torch.tensor([0, 1, 0, 0]))  # read 0, 1, 2, 0
+    assert acc == 0.75 and per[:2].tolist() == pytest.approx([2 / 3, 1.0]) and per[2].isnan()
+
+
+def test_stage11_transform_reference_is_the_package_pipeline():
+    """The checker's reference is data/images.py's decoding plus to_float: 28 px grey -> 32 px in [-1, 1]."""
+    image = Image.fromarray(torch.arange(28 * 28).remainder(256).to(torch.uint8).view(28, 28).numpy(), "L")
+    got = s11.reference_transform(32, 1)(image)
+    assert got.shape == (1, 32, 32) and got.dtype == torch.float32
+    torch.testing.assert_close(got, data_images.image_transform(32, 1)(image).float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("checker, correct", [(c, answer) for c, answer, _ in STAGE10 + STAGE11],
+                         ids=lambda x: getattr(x, "__name__", ""))
+def test_stage10_11_checkers_call_the_guard_first(checker, correct, real_guard):
+    with pytest.raises(ExerciseError, match="expected your own function"):
+        checker(correct)
+
+
+def test_stage10_11_checkers_leave_the_global_random_state_alone():
+    torch.manual_seed(0)
+    for checker, correct, _ in STAGE10 + STAGE11:
+        checker(correct)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
