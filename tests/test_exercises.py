@@ -2,26 +2,43 @@
 
 - exercises/ must be exactly what `nbgrader generate_assignment` makes from solutions/ today;
 - every solution notebook passes its graded cells and every released exercise fails all of them
-  (`nbgrader validate` and `--invert`): an unfilled exercise can never score.
+  (`nbgrader validate` and `--invert`): an unfilled exercise can never score;
+- no cell of a solution notebook raises (its demo cells included): the check nbval made when CI ran solutions/ too.
+
+Time (CI runs on 2 cores): nbgrader starts once, not once a notebook. All assignments are released by one
+nbgrader process (`NbGraderAPI.generate_assignment` for each), and `nbgrader validate` runs in this process
+(nbgrader's `Validator`, what the command runs), every notebook still in a kernel of its own.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from minildm.grade import nbgrader as run_nbgrader
+from minildm.grade import _env
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
+# Released in a course folder of its own by one nbgrader process: {assignment: NbGraderAPI's result}.
+RELEASE_ALL = """
+import json, os, sys
+from nbgrader.apps import NbGraderAPI
+from nbgrader.coursedir import CourseDirectory
+from traitlets.config.loader import PyFileConfigLoader
 
-
-def nbgrader(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return run_nbgrader(*args, cwd=cwd, timeout=300)
+config = PyFileConfigLoader("nbgrader_config.py", path=os.getcwd()).load_config()
+api = NbGraderAPI(coursedir=CourseDirectory(config=config, root=os.getcwd()), config=config)
+results = {a: api.generate_assignment(a, force=True) for a in sys.argv[1:]}
+print("@@results " + json.dumps(results))
+"""
 
 
 def _cells(path: Path) -> list[dict]:
@@ -33,29 +50,82 @@ def test_there_are_exercises():
     assert ASSIGNMENTS, "solutions/ holds no assignment folders"
 
 
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> tuple[Path, dict]:
+    """`nbgrader generate_assignment <a> --force` for every assignment, in one copied course folder."""
+    course = tmp_path_factory.mktemp("release")
+    shutil.copytree(ROOT / "solutions", course / "solutions")
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    result = subprocess.run([sys.executable, "-c", RELEASE_ALL, *ASSIGNMENTS], cwd=course, env=_env(),
+                            capture_output=True, text=True, check=False, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("@@results ")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    return course / "exercises", json.loads(lines[-1][len("@@results "):])
+
+
 @pytest.mark.parametrize("assignment", ASSIGNMENTS)
-def test_exercises_are_in_sync_with_solutions(assignment, tmp_path):
-    shutil.copytree(ROOT / "solutions", tmp_path / "solutions")
-    shutil.copy(ROOT / "nbgrader_config.py", tmp_path)
-    result = nbgrader("generate_assignment", assignment, "--force", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    released = sorted((tmp_path / "exercises" / assignment).glob("*.ipynb"))
+def test_exercises_are_in_sync_with_solutions(assignment, released):
+    exercises, results = released
+    assert results[assignment]["success"], results[assignment].get("error", "")[-2000:]
+    released_nbs = sorted((exercises / assignment).glob("*.ipynb"))
     committed = sorted((ROOT / "exercises" / assignment).glob("*.ipynb"))
-    assert [p.name for p in released] == [p.name for p in committed], "exercise notebooks differ from solutions/"
-    for new, old in zip(released, committed):
+    assert [p.name for p in released_nbs] == [p.name for p in committed], "exercise notebooks differ from solutions/"
+    for new, old in zip(released_nbs, committed):
         assert _cells(new) == _cells(old), (
             f"exercises/{assignment}/{old.name} is out of date: run "
             f"`nbgrader generate_assignment {assignment} --force` and commit the result")
 
 
+@pytest.fixture(scope="module")
+def validate():
+    """`nbgrader validate [--invert] NOTEBOOK` in this process: nbgrader's Validator with the course's config, as
+    ValidateApp runs it (the notebook in a fresh kernel, every cell executed). Returns what the command prints
+    and the executed notebook."""
+    from nbgrader.validator import Validator
+    from traitlets.config.loader import PyFileConfigLoader
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
+
+    class Keeping(Validator):
+        executed = None
+
+        def _preprocess(self, nb):
+            self.executed = super()._preprocess(nb)
+            return self.executed
+
+    def run(path: Path, invert: bool = False):
+        validator = Keeping(config=config, invert=invert)
+        validator.stream = io.StringIO()
+        with mock.patch.dict(os.environ, _env()):  # the kernel's environment, as `minildm.grade.nbgrader` gives it
+            validator.validate_and_print(str(path))
+        return validator.stream.getvalue(), validator.executed
+
+    return run
+
+
+def _errors(nb) -> list[str]:
+    """'cell N (its first line): Ename: value' for every error output of a code cell (one that raised, or ran past
+    nbgrader's cell timeout); N counts all cells from 1."""
+    errors = []
+    for i, cell in enumerate(nb.cells):
+        first = (cell.source.strip().splitlines() or [""])[0][:60]
+        errors += [f"cell {i + 1} ({first!r}): {o.get('ename')}: {o.get('evalue', '')}"[:500]
+                   for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    return errors
+
+
 @pytest.mark.parametrize("assignment", ASSIGNMENTS)
-def test_solutions_pass_and_unfilled_exercises_fail(assignment):
+def test_solutions_pass_and_unfilled_exercises_fail(assignment, validate):
     for nb in sorted((ROOT / "solutions" / assignment).glob("*.ipynb")):
-        result = nbgrader("validate", str(nb), cwd=ROOT)
-        assert "Success! Your notebook passes all the tests." in result.stdout, result.stdout[-3000:]
+        out, executed = validate(nb)
+        assert "Success! Your notebook passes all the tests." in out, out[-3000:]
+        # validate runs every cell but judges only the graded ones: no other cell may raise either (nbval's check)
+        assert executed is not None, out[-3000:]
+        errors = _errors(executed)
+        assert errors == [], f"{nb.relative_to(ROOT)}: cells that raised: {errors}"
     for nb in sorted((ROOT / "exercises" / assignment).glob("*.ipynb")):
-        result = nbgrader("validate", "--invert", str(nb), cwd=ROOT)
-        assert "Success! The notebook does not pass any tests." in result.stdout, result.stdout[-3000:]
+        out, _ = validate(nb, invert=True)
+        assert "Success! The notebook does not pass any tests." in out, out[-3000:]
 
 
 @pytest.mark.parametrize("assignment, points, first_task", [("ex02-autoencoder", 8, "test_reparameterize"),
