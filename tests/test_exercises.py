@@ -5,19 +5,22 @@
   (`nbgrader validate` and `--invert`): an unfilled exercise can never score;
 - no cell of a solution notebook raises (its demo cells included): the check nbval made when CI ran solutions/ too.
 
-Time (CI runs on 2 cores): nbgrader starts once, not once a notebook. All assignments are released by one
-nbgrader process (`NbGraderAPI.generate_assignment` for each), and `nbgrader validate` runs in this process
-(nbgrader's `Validator`, what the command runs), every notebook still in a kernel of its own.
+Time (CI runs on 2 cores): nbgrader starts a few times, not twice a notebook. All assignments are released by one
+nbgrader process (`NbGraderAPI.generate_assignment` for each); `nbgrader validate` runs as nbgrader's `Validator`
+(what the command runs) in two worker processes, two notebooks at a time, every notebook in a kernel of its own.
+The solution notebooks are not run again by nbval (`make test`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from unittest import mock
 
@@ -76,15 +79,12 @@ def test_exercises_are_in_sync_with_solutions(assignment, released):
             f"`nbgrader generate_assignment {assignment} --force` and commit the result")
 
 
-@pytest.fixture(scope="module")
-def validate():
-    """`nbgrader validate [--invert] NOTEBOOK` in this process: nbgrader's Validator with the course's config, as
-    ValidateApp runs it (the notebook in a fresh kernel, every cell executed). Returns what the command prints
-    and the executed notebook."""
+def _validate(path: str, invert: bool) -> tuple[str, list[str] | None]:
+    """`nbgrader validate [--invert] PATH` without starting nbgrader again: nbgrader's Validator with the course's
+    config, as ValidateApp runs it (the notebook in a fresh kernel, every cell executed). Returns what the command
+    prints and the errors in the executed notebook's cells (None when nothing was executed)."""
     from nbgrader.validator import Validator
     from traitlets.config.loader import PyFileConfigLoader
-
-    config = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
 
     class Keeping(Validator):
         executed = None
@@ -93,14 +93,15 @@ def validate():
             self.executed = super()._preprocess(nb)
             return self.executed
 
-    def run(path: Path, invert: bool = False):
-        validator = Keeping(config=config, invert=invert)
-        validator.stream = io.StringIO()
-        with mock.patch.dict(os.environ, _env()):  # the kernel's environment, as `minildm.grade.nbgrader` gives it
-            validator.validate_and_print(str(path))
-        return validator.stream.getvalue(), validator.executed
-
-    return run
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
+    validator = Keeping(config=config, invert=invert)
+    validator.stream = io.StringIO()
+    # The kernel's environment, as `minildm.grade.nbgrader` gives it, and one torch thread: two kernels run at once,
+    # and torch's default of a thread per core made them wait for each other (ex05's demo UNet ran past nbgrader's
+    # 30 s cell timeout with two kernels of two threads on two cores; seconds with one thread each).
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1", **_env()}):
+        validator.validate_and_print(path)
+    return validator.stream.getvalue(), None if validator.executed is None else _errors(validator.executed)
 
 
 def _errors(nb) -> list[str]:
@@ -114,18 +115,33 @@ def _errors(nb) -> list[str]:
     return errors
 
 
+def _validate_jobs(assignment: str) -> list[tuple[str, bool]]:
+    return ([(str(nb), False) for nb in sorted((ROOT / "solutions" / assignment).glob("*.ipynb"))]
+            + [(str(nb), True) for nb in sorted((ROOT / "exercises" / assignment).glob("*.ipynb"))])
+
+
+@pytest.fixture(scope="module")
+def validated(request) -> dict[tuple[str, bool], Future]:
+    """Every validation the selected tests need, two notebooks at a time (each kernel is busy on about one core; CI
+    has two) in two worker processes that start nbgrader once each: {(path, invert): future of `_validate`}."""
+    selected = sorted({item.callspec.params["assignment"] for item in request.session.items
+                       if getattr(item, "originalname", "") == "test_solutions_pass_and_unfilled_exercises_fail"})
+    workers = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield {job: pool.submit(_validate, *job) for a in selected for job in _validate_jobs(a)}
+        pool.shutdown(cancel_futures=True)  # after a failure under -x: no waiting for the rest
+
+
 @pytest.mark.parametrize("assignment", ASSIGNMENTS)
-def test_solutions_pass_and_unfilled_exercises_fail(assignment, validate):
-    for nb in sorted((ROOT / "solutions" / assignment).glob("*.ipynb")):
-        out, executed = validate(nb)
-        assert "Success! Your notebook passes all the tests." in out, out[-3000:]
-        # validate runs every cell but judges only the graded ones: no other cell may raise either (nbval's check)
-        assert executed is not None, out[-3000:]
-        errors = _errors(executed)
-        assert errors == [], f"{nb.relative_to(ROOT)}: cells that raised: {errors}"
-    for nb in sorted((ROOT / "exercises" / assignment).glob("*.ipynb")):
-        out, _ = validate(nb, invert=True)
-        assert "Success! The notebook does not pass any tests." in out, out[-3000:]
+def test_solutions_pass_and_unfilled_exercises_fail(assignment, validated):
+    for path, invert in _validate_jobs(assignment):
+        out, errors = validated[path, invert].result(timeout=900)
+        if not invert:
+            assert "Success! Your notebook passes all the tests." in out, out[-3000:]
+            # validate runs every cell but judges only the graded ones: no other cell may raise either (nbval's check)
+            assert errors == [], f"{Path(path).relative_to(ROOT)}: cells that raised: {errors}"
+        else:
+            assert "Success! The notebook does not pass any tests." in out, out[-3000:]
 
 
 @pytest.mark.parametrize("assignment, points, first_task", [("ex02-autoencoder", 8, "test_reparameterize"),
