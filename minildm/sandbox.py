@@ -91,6 +91,9 @@ def bwrap_command(workdir: Path, copy: Path, runtime: Path, kernel: list[str], r
     """The bwrap command line that runs `kernel` isolated, with `copy` mounted at `workdir` as its notebook folder,
     `runtime` (where the ZeroMQ sockets go) writable and the connection file read-only."""
     cmd = ["bwrap", "--die-with-parent", "--unshare-all", "--cap-drop", "ALL", "--clearenv"]
+    # the fresh /tmp, /dev and /proc first: a later bind of a folder inside /tmp (a virtual environment or a course
+    # kept there) then lands on top of the empty /tmp instead of being hidden by it
+    cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
     for path in SYSTEM:
         p = Path(path)
         if p.is_symlink():  # merged /usr: /lib -> usr/lib
@@ -99,8 +102,7 @@ def bwrap_command(workdir: Path, copy: Path, runtime: Path, kernel: list[str], r
             cmd += ["--ro-bind", path, path]
     for path in ro_paths:
         cmd += ["--ro-bind", path, path]
-    cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm",
-            "--bind", str(runtime), str(runtime), "--bind", str(copy), str(workdir), "--chdir", str(workdir)]
+    cmd += ["--bind", str(runtime), str(runtime), "--bind", str(copy), str(workdir), "--chdir", str(workdir)]
     if connection_file:
         cmd += ["--ro-bind", str(connection_file), str(connection_file)]
     cmd += ["--remount-ro", "/"]  # the sandbox's own root too: only /tmp, /dev/shm, its folder and sockets take writes

@@ -106,6 +106,22 @@ print(os.environ.get("SECRET_TOKEN"), os.environ.get("MINILDM_FAST"), os.getuid(
 
 
 @needs_sandbox
+def test_packages_kept_under_tmp_are_visible_in_the_sandbox(tmp_path):
+    """A virtual environment under /tmp (a course cloned there) must show through the sandbox's own empty /tmp."""
+    env = tmp_path / "venv" / "site-packages"
+    env.mkdir(parents=True)
+    (env / "a_package.py").write_text("VALUE = 42\n")
+    work, copy, runtime = (tmp_path / name for name in ("work", "copy", "rt"))
+    for p in (work, copy, runtime):
+        p.mkdir()
+    ro = [str(p) for p in sandbox.python_paths([work])] + [str(env)]
+    code = f"import sys; sys.path.insert(0, {str(env)!r}); import a_package; print(a_package.VALUE)"
+    cmd = sandbox.bwrap_command(work, copy, runtime, [sys.executable, "-c", code], ro, {})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "42", result.stderr
+
+
+@needs_sandbox
 def test_the_sandbox_has_no_network(tmp_path):
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(5)
