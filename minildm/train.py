@@ -115,6 +115,11 @@ class Trainer:
             return None
         return target
 
+    def _stop_compiling(self) -> None:
+        """Undo what fit() did with `Module.compile()`: the compile target runs eagerly again."""
+        if self.compiled is not None:
+            self.compiled._compiled_call_impl = None
+
     def _first_compiled_step(self, batch, sync) -> dict:
         """The first step of a compiled run, timed alone (it compiles). If compiling fails (a torch version or a
         platform the compiler does not support), say why and train on eagerly: the step is simply taken again."""
@@ -126,7 +131,7 @@ class Trainer:
         except Exception as err:  # any compiler failure (checked below); the step is then taken eagerly
             if isinstance(err, distributed.DistributedError) or not _is_compiler_error(err):
                 raise
-            self.compiled._compiled_call_impl = None
+            self._stop_compiling()
             self.compiled = None
             print(f"torch.compile ({self.cfg.compile}) failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}; "
                   "training on without compilation", file=sys.stderr, flush=True)
@@ -274,8 +279,7 @@ class Trainer:
             raise
         finally:
             bar.close()
-            if self.compiled is not None:
-                self.compiled._compiled_call_impl = None  # undoes Module.compile(): the module runs eagerly again
+            self._stop_compiling()
         sync()
         if self.step == first_step:  # nothing trained (e.g. a finished checkpoint was loaded): nothing to save
             return self.history
