@@ -186,6 +186,8 @@ class Trainer:
     def train_step(self, batch) -> dict:
         """One optimisation step of every optimiser; returns the logs."""
         self.task.train()
+        if self.compiled is not None and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: CUDA graphs may reuse last step's buffers
         with self.rt.autocast(), no_value_checks():  # no check may stall the GPU (device.py)
             losses, logs = self.task.losses(batch, self.step)
         for name, opt in self.optimizers.items():
