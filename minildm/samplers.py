@@ -130,9 +130,9 @@ def ddpm_sample(model, shape, schedule: NoiseSchedule, context=None, prediction:
     trajectory = []
     steps = reversed(range(schedule.T))
     if progress:
-        from tqdm.auto import tqdm
+        from minildm.progress import progress_bar
 
-        steps = tqdm(steps, total=schedule.T, desc="DDPM")
+        steps = progress_bar(steps, total=schedule.T, desc="DDPM")
     for i in steps:
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # (B,) for the model
         out = model_output(model, x, t, context, guidance_scale, uncond_context)
@@ -474,9 +474,9 @@ def sample(model, shape, schedule: NoiseSchedule, sampler: str = "ddpm", steps=N
     x = torch.randn(shape, generator=generator, device=device) if x_start is None else x_start.to(device)
     steps_iter = range(len(timesteps))
     if progress:
-        from tqdm.auto import tqdm
+        from minildm.progress import progress_bar
 
-        steps_iter = tqdm(steps_iter, desc=sampler)
+        steps_iter = progress_bar(steps_iter, desc=sampler)
     if sampler in ("ddpm", "ddim"):
         x = _ddim_loop(denoise, x, timesteps, 1.0 if sampler == "ddpm" else eta, generator, steps_iter)
     elif sampler in ("euler", "heun"):

@@ -45,6 +45,7 @@ from minildm import distributed
 from minildm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minildm.device import Runtime, no_value_checks
 from minildm.ema import EMA
+from minildm.progress import progress_bar
 
 
 @dataclass
@@ -228,9 +229,9 @@ class Trainer:
         bar_args = {"desc": self.task.kind, "disable": not progress or done() or not self.place.is_main,
                     "dynamic_ncols": True}
         if budget is None:
-            bar = tqdm(total=total, initial=self.step, **bar_args)
+            bar = progress_bar(total=total, initial=self.step, **bar_args)
         else:  # a wall-clock budget: the bar counts its seconds (the postfix the steps, where they may end it first)
-            bar = tqdm(total=budget, initial=min(self.train_seconds, budget), unit="s",
+            bar = progress_bar(total=budget, initial=min(self.train_seconds, budget), unit="s",
                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training{postfix}", **bar_args)
         sync = torch.cuda.synchronize if self.rt.device.type == "cuda" else (lambda: None)
         sync()
