@@ -77,6 +77,7 @@ def flops_per_image(step, batch_size: int) -> float:
 
 def make_diffusion(rt, channels_last: bool, compiled: str | None):
     recipe = diffusion_recipe("latent", fast=rt.fast)
+    recipe.train.compile = compiled or None  # the Trainer then marks each step's start for CUDA graphs, as in fit()
     task = DiffusionTask(recipe.unet, recipe.text, recipe.diffusion)
     trainer = Trainer(task, recipe.train, rt)
     if channels_last:
@@ -88,6 +89,7 @@ def make_diffusion(rt, channels_last: bool, compiled: str | None):
 
 def make_autoencoder(rt, channels_last: bool, compiled: str | None):
     recipe = autoencoder_recipe(fast=rt.fast)
+    recipe.train.compile = compiled or None
     task = AutoencoderTask(recipe.model, recipe.loss)
     trainer = Trainer(task, recipe.train, rt)
     if channels_last:
@@ -133,14 +135,43 @@ def bench_variant(rt, args, record, model, make, batch_fn, name, channels_last, 
     extra = {"batch_size": bs, "first_step_s": round(first_step_s, 1), "syncs_per_step": count_syncs(step),
              "gflop_per_image": round(flops / 1e9, 2)}
     record(model, name + " (fixed batch)", time_steps(step, bs, args.seconds), flops, **extra)
-    if name == "eager":
+    if name == "eager" or compiled == "reduce-overhead":  # the step as `minildm train` runs it: new data every step
         counter = iter(range(1, 10**9))
-        record(model, "eager (as shipped: data every step)",
-               time_steps(lambda: trainer.train_step(batches(next(counter))), bs, args.seconds), flops, batch_size=bs)
-        record(model, "data alone (draw + encode)", time_steps(lambda: batches(next(counter)), bs, args.seconds / 2),
-               0.0, batch_size=bs)
-        print(profile_table(step, args.out / f"profile_{model}.txt")[:6000], flush=True)
+
+        def shipped():
+            trainer.train_step(batches(next(counter)))
+
+        record(model, f"{name} (as shipped: data every step)", time_steps(shipped, bs, args.seconds), flops,
+               batch_size=bs, **timeline(shipped, args.out / f"timeline_{model}_{name.split()[0]}.txt"))
+        if name == "eager":
+            record(model, "data alone (draw + encode)",
+                   time_steps(lambda: batches(next(counter)), bs, args.seconds / 2), 0.0, batch_size=bs)
+            print(profile_table(step, args.out / f"profile_{model}.txt")[:6000], flush=True)
     return flops
+
+
+def timeline(step, out: Path, steps: int = 5) -> dict:
+    """Where the wall time of step() goes: milliseconds per step on the clock and with the GPU busy (kernels and
+    copies), so the GPU's idle share; and the host-side operations that take the most CPU time (what the GPU waits
+    for when it idles), written to `out`."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.autograd import DeviceType
+
+    step()
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    busy_ms = sum(e.time_range.elapsed_us() for e in gpu) / steps / 1e3
+    out.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    return {"wall_ms_per_step": round(wall_ms, 1), "gpu_busy_ms_per_step": round(busy_ms, 1),
+            "gpu_idle_share": round(max(0.0, 1 - busy_ms / wall_ms), 3)}
 
 
 def main(argv=None) -> None:
