@@ -182,6 +182,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--models", nargs="+", choices=["diffusion", "autoencoder"], default=["diffusion", "autoencoder"])
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels-last variants")
+    parser.add_argument("--only-graphs", action="store_true",
+                        help="of the compiled variants, only the CUDA-graph one (what `minildm train` uses)")
     parser.add_argument("--fast", action="store_true", help="the fast-mode recipes (a smoke test on a CPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +213,8 @@ def main(argv=None) -> None:
                          ("compiled reduce-overhead (CUDA graphs)", False, "reduce-overhead")]
         if args.no_channels_last:
             variants = [v for v in variants if not v[1]]
+        if args.only_graphs:
+            variants = [v for v in variants if v[2] != "default"]
         flops = None
         for name, channels_last, compiled in variants:
             flops = bench_variant(rt, args, record, model, make, batch_fn, name, channels_last, compiled, flops)
