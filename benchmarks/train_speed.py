@@ -32,7 +32,7 @@ from minildm.config import autoencoder_recipe, diffusion_recipe
 from minildm.data import shapes_batch_at
 from minildm.device import setup
 from minildm.pipeline import AutoencoderTask, DiffusionTask, diffusion_batch_fn
-from minildm.train import Trainer
+from minildm.train import Trainer, compile_in_place
 
 
 def sync() -> None:
@@ -83,7 +83,7 @@ def make_diffusion(rt, channels_last: bool, compiled: str | None):
     if channels_last:
         task.to(memory_format=torch.channels_last)
     if compiled:  # as Trainer.fit does with TrainConfig.compile
-        task.denoiser.unet.compile(mode=compiled)
+        compile_in_place(task.denoiser.unet, compiled)
     return trainer, recipe
 
 
@@ -95,7 +95,7 @@ def make_autoencoder(rt, channels_last: bool, compiled: str | None):
     if channels_last:
         task.to(memory_format=torch.channels_last)
     if compiled:
-        task.autoencoder.compile(mode=compiled)
+        compile_in_place(task.autoencoder, compiled)
     return trainer, recipe
 
 
@@ -135,7 +135,7 @@ def bench_variant(rt, args, record, model, make, batch_fn, name, channels_last, 
     extra = {"batch_size": bs, "first_step_s": round(first_step_s, 1), "syncs_per_step": count_syncs(step),
              "gflop_per_image": round(flops / 1e9, 2)}
     record(model, name + " (fixed batch)", time_steps(step, bs, args.seconds), flops, **extra)
-    if name == "eager" or compiled == "reduce-overhead":  # the step as `minildm train` runs it: new data every step
+    if name == "eager" or compiled in ("reduce-overhead", "cudagraphs"):  # as `minildm train` runs it: new data
         counter = iter(range(1, 10**9))
 
         def shipped():
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", choices=["diffusion", "autoencoder"], default=["diffusion", "autoencoder"])
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels-last variants")
     parser.add_argument("--only-graphs", action="store_true",
-                        help="of the compiled variants, only the CUDA-graph one (what `minildm train` uses)")
+                        help="of the compiled variants, only those with CUDA graphs (what `minildm train` may use)")
     parser.add_argument("--fast", action="store_true", help="the fast-mode recipes (a smoke test on a CPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,8 @@ def main(argv=None) -> None:
         variants = [("eager", False, None), ("eager channels_last", True, None)]
         if not args.skip_compile:
             variants += [("compiled", False, "default"), ("compiled channels_last", True, "default"),
-                         ("compiled reduce-overhead (CUDA graphs)", False, "reduce-overhead")]
+                         ("compiled reduce-overhead (CUDA graphs)", False, "reduce-overhead"),
+                         ("cudagraphs backend (eager kernels as CUDA graphs)", False, "cudagraphs")]
         if args.no_channels_last:
             variants = [v for v in variants if not v[1]]
         if args.only_graphs:

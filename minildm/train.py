@@ -11,12 +11,13 @@ autoencoders or diffusion. A task provides
 - `kind` and `config_dict()`: stored in the checkpoint so the model can be rebuilt;
 - optionally `compile_target()`: the network that `TrainConfig.compile` hands to torch.compile.
 
-Compilation (`TrainConfig.compile`, a torch.compile mode, on CUDA only): torch.compile traces the network's forward
-and backward once and generates fused kernels for them; "reduce-overhead" also records them as CUDA graphs, so one
-launch replays the thousands of small kernels of a step (a 4x16x16 latent step is launch-bound: the GPU waits for
-the CPU that queues its kernels). The first step pays for the compilation; `Trainer.compile_seconds` holds that
-step's time and the progress line reports it. `Module.compile()` compiles in place, so the state dict and the
-checkpoints keep their plain names.
+Compilation (`TrainConfig.compile`, on CUDA only): torch.compile traces the network's forward and backward once
+and generates fused kernels for them; the mode "reduce-overhead" also records them as CUDA graphs, so one launch
+replays the thousands of small kernels of a step (a 4x16x16 latent step is launch-bound: the GPU waits for the CPU
+that queues its kernels). "cudagraphs" (torch.compile's backend of that name) records the step's own eager kernels
+as CUDA graphs without generating new ones: no fusion, but seconds of compiling instead of minutes. The first step
+pays for the compilation; `Trainer.compile_seconds` holds that step's time and the progress line reports it.
+`Module.compile()` compiles in place, so the state dict and the checkpoints keep their plain names.
 
 Batches come from `batch_at(step)`, a function of the step number, so a resumed run sees exactly
 the batches the interrupted one would have seen. The data package has one such feeder per kind of data:
@@ -61,7 +62,20 @@ class TrainConfig:
     log_every: int = 25
     max_seconds: float | None = None  # stop early after this much training time (a wall-clock budget)
     seed: int = 0
-    compile: str | None = None  # None, or a torch.compile mode ("default", "reduce-overhead"): CUDA only
+    compile: str | None = None  # None, a torch.compile mode ("default", "reduce-overhead") or "cudagraphs": CUDA only
+
+
+# TrainConfig.compile's values: torch.compile's modes, and its "cudagraphs" backend (`compile_in_place`).
+COMPILE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
+
+
+def compile_in_place(module: nn.Module, how: str) -> None:
+    """`module.compile(...)` for a TrainConfig.compile value: a torch.compile mode (Inductor's fused kernels), or
+    "cudagraphs", the backend that records the module's eager kernels as CUDA graphs through AOT autograd."""
+    if how == "cudagraphs":
+        module.compile(backend="cudagraphs")
+    else:
+        module.compile(mode=how)
 
 
 class Trainer:
@@ -104,9 +118,9 @@ class Trainer:
         """The network that fit() hands to torch.compile (validated here, compiled in fit), or None."""
         if mode is None:
             return None
-        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-        if mode not in modes:
-            raise ValueError(f"TrainConfig.compile={mode!r} is not a torch.compile mode; use None or one of {modes}")
+        if mode not in COMPILE_CHOICES:
+            raise ValueError(f"TrainConfig.compile={mode!r} is not a torch.compile mode; use None or one of "
+                             f"{COMPILE_CHOICES}")
         target = getattr(self.task, "compile_target", lambda: None)()
         if target is None or self.rt.device.type != "cuda":
             if self.place.is_main:
@@ -238,7 +252,7 @@ class Trainer:
         first_step = self.step
         t_last, images_since = time.perf_counter(), 0
         if self.compiled is not None:
-            self.compiled.compile(mode=self.cfg.compile)
+            compile_in_place(self.compiled, self.cfg.compile)
         try:
             while not done():
                 batch = batch_at(self.step)

@@ -216,10 +216,12 @@ def test_compile_mode_is_checked_and_ignored_off_cuda(capsys):
     torch.testing.assert_close(trainer.task.state_dict(), eager.task.state_dict(), rtol=0, atol=0)
     Trainer(LinearRegression(), config(compile="default"), CPU)  # a task without compile_target(): a note
     assert "names no network to compile" in capsys.readouterr().out
+    assert Trainer(CompiledToy(), config(compile="cudagraphs"), CPU).compiled is None  # the backend, accepted too
+    assert "compilation is used on CUDA only" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile is used on CUDA only")
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "cudagraphs"])
 def test_cuda_compiled_training_matches_eager_and_leaves_the_model_plain(mode):
     rt = Runtime(device=torch.device("cuda"), dtype=torch.float32, fast=True)
     compiled = Trainer(CompiledToy(), config(compile=mode), rt)
