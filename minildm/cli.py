@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the diffusion UNet while training (its first step compiles: about 2 minutes "
                    "on a first run, seconds once the compiler's cache is warm): auto (default) = reduce-overhead, "
                    "i.e. compiled and replayed as CUDA graphs, on a GPU in full mode, off elsewhere; cudagraphs = "
-                   "the eager kernels replayed as CUDA graphs, nothing generated (seconds to compile, no fusion)")
+                   "the eager kernels replayed as CUDA graphs, nothing generated (well under a minute to compile, no "
+                   "fusion)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a trained pipeline: PSNR, caption accuracy, FD and KID",
