@@ -15,9 +15,9 @@ Compilation (`TrainConfig.compile`, on CUDA only): torch.compile traces the netw
 and generates fused kernels for them; the mode "reduce-overhead" also records them as CUDA graphs, so one launch
 replays the thousands of small kernels of a step (a 4x16x16 latent step is launch-bound: the GPU waits for the CPU
 that queues its kernels). "cudagraphs" (torch.compile's backend of that name) records the step's own eager kernels
-as CUDA graphs without generating new ones: no fusion, but a fraction of the compile time (tracing alone). The first step
-pays for the compilation; `Trainer.compile_seconds` holds that step's time and the progress line reports it.
-`Module.compile()` compiles in place, so the state dict and the checkpoints keep their plain names.
+as CUDA graphs without generating new ones: no fusion, but a fraction of the compile time (tracing alone). The
+first step pays for the compilation; `Trainer.compile_seconds` holds that step's time and the progress line
+reports it. `Module.compile()` compiles in place, so the state dict and the checkpoints keep their plain names.
 
 Batches come from `batch_at(step)`, a function of the step number, so a resumed run sees exactly
 the batches the interrupted one would have seen. The data package has one such feeder per kind of data:
