@@ -9,7 +9,7 @@ per sampler step (in ms, which is also the seconds a 1000-step DDPM sample takes
 between the two sample sets (it should be rounding noise). A third run compiles the UNet first (torch.compile's default
 mode: fused Triton kernels, no CUDA graphs of its own) and records that as the graph: its compile seconds are reported
 apart, and its time per step is that of a second call, so the column says what a long evaluation would gain. The graph time includes recording the graph once
-(three warm-up passes and the capture), spread over the timed steps. The weights are random (speed does not depend on
+(one warm-up pass and the capture), spread over the timed steps. The weights are random (speed does not depend on
 them), with the zero-initialised output layer perturbed so that the samples are not trivially equal.
 """
 

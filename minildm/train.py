@@ -201,7 +201,7 @@ class Trainer:
     def train_step(self, batch) -> dict:
         """One optimisation step of every optimiser; returns the logs."""
         self.task.train()
-        if self.compiled is not None and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        if self.compiled is not None:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: CUDA graphs may reuse last step's buffers
         with self.rt.autocast(), no_value_checks():  # no check may stall the GPU (device.py)
             losses, logs = self.task.losses(batch, self.step)
@@ -305,7 +305,7 @@ class Trainer:
             self.train_seconds = distributed.from_main(self.train_seconds, self.rt.device)
         if self.ckpt_path is not None:
             self.save()
-        if bar_args["disable"] is False:  # the bar's last state as plain text: a saved notebook shows the widget's first
+        if not bar_args["disable"]:  # the run's summary as a plain line, for logs and saved notebooks
             last = self.history[-1] if self.history else {}
             losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("loss"))
             print(f"{self.task.kind}: {self.step} steps, {self.train_seconds:.0f} s of training"

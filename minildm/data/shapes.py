@@ -175,8 +175,8 @@ def sample_scene(index: int, cfg: ShapesConfig) -> Scene:
         if cfg.exclude_pairs and (COLOUR_NAMES[colour], SHAPES[shape]) in cfg.exclude_pairs:
             # redraw from a generator of its own, so the draws after this one (and the caption) stay as they were
             redraw = redraw or np.random.default_rng([cfg.seed, index, 1])
-            shape, colour = _allowed_pairs(cfg.exclude_pairs)[int(redraw.random() * (len(SHAPES) * len(COLOURS)
-                                                                                   - len(cfg.exclude_pairs)))]
+            allowed = _allowed_pairs(cfg.exclude_pairs)
+            shape, colour = allowed[int(redraw.random() * len(allowed))]
         jitter = (u.uniform(-JITTER, JITTER), u.uniform(-JITTER, JITTER))
         objects.append(ShapeObject(shape, colour, size, position, jitter))
     # Dark grey with a slight tint, plus two gentle waves of 0.5 to 1.5 cycles per image.
