@@ -280,7 +280,7 @@ def tiny_autoencoder(size=32):
 @pytest.mark.parametrize(("kind", "channels"), [("inpainting", 5), ("super_resolution", 3), ("layout", 7)])
 def test_each_condition_has_its_channels_on_the_latent_grid(kind, channels):
     batch, z, ae = shapes_batch(), torch.randn(3, 4, 8, 8, generator=gen(7)), tiny_autoencoder()
-    cond = make_condition(kind, ae)(0, batch, z)
+    cond = make_condition(kind, ae, drop=0.0)(0, batch, z)  # (the dropout for guidance: its own test)
     assert condition_channels(kind) == channels and cond.shape == (3, channels, 8, 8)
     if kind == "inpainting":  # [m, E(x (1 - m_x))] with the step's random holes; the same holes on a resume
         holes = random_box_masks(3, 32, torch.Generator().manual_seed(0))  # (3, 1, 32, 32)
@@ -491,3 +491,52 @@ def test_cifar10_photos_feed_super_resolution_without_captions():
     small = low_resolution(batch["image"], 4)
     assert small.shape == (16, 3, 8, 8)
     assert 15 < psnr(batch["image"], bicubic_upsample(small, 32)).mean() < 35
+
+
+def test_super_resolution_training_zeroes_a_tenth_of_its_conditions_the_same_way_on_a_resume():
+    """Condition dropout for guidance on the low-resolution image: about CONDITION_DROP of the items per batch get
+    exact zeros, the others the condition unchanged; the draw is a function of the step alone."""
+    from minildm.applications import CONDITION_DROP
+
+    batch, z = shapes_batch(8), torch.zeros(8, 4, 8, 8)
+    full = make_condition("super_resolution", drop=0.0)(0, batch, z)
+    condition = make_condition("super_resolution")
+    zeroed = 0
+    for step in range(150):
+        c = condition(step, batch, z)
+        dropped = c.flatten(1).abs().sum(1) == 0  # (8,)
+        torch.testing.assert_close(c[~dropped], full[~dropped])
+        zeroed += int(dropped.sum())
+        if step < 3:
+            assert torch.equal(condition(step, batch, z), c)  # a resumed run draws the same
+    p = CONDITION_DROP["super_resolution"]
+    assert p == 0.1 and abs(zeroed / 1200 - p) < 4 * (p * (1 - p) / 1200) ** 0.5
+    assert CONDITION_DROP["inpainting"] == CONDITION_DROP["layout"] == 0.0
+    with pytest.raises(ValueError, match=r"in \[0, 1\); got 1.0"):
+        make_condition("super_resolution", drop=1.0)
+
+
+def test_guidance_on_the_image_condition_gives_the_unconditional_pass_zeros():
+    """super_resolve with guidance_scale > 1: one model call per step on [zeros, c] (the unconditional half first, as
+    `model_output` orders them); without guidance, one pass on c alone."""
+    from minildm.device import Runtime
+
+    rt = Runtime(torch.device("cpu"), torch.float32, fast=True)
+    ae, schedule = tiny_autoencoder(32), NoiseSchedule.from_name("linear", 100)
+    denoiser = tiny_task("super_resolution").denoiser
+    seen = []
+    forward = denoiser.forward
+
+    def recording(x, t, ids, concat=None):
+        seen.append(concat.clone())
+        return forward(x, t, ids, concat=concat)
+
+    denoiser.forward = recording
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    super_resolve(denoiser, schedule, low, rt, ae, guidance_scale=3.0, steps=2)
+    assert len(seen) == 2 and all(c.shape == (4, 3, 8, 8) for c in seen)
+    for c in seen:
+        assert torch.equal(c[:2], torch.zeros(2, 3, 8, 8)) and torch.equal(c[2:], low)
+    seen.clear()
+    super_resolve(denoiser, schedule, low, rt, ae, steps=2)
+    assert len(seen) == 2 and all(torch.equal(c, low) for c in seen)

@@ -9,6 +9,7 @@
 """
 
 from minildm.applications.conditioned import (
+    CONDITION_DROP,
     KINDS,
     bicubic_upsample,
     captionless_batches,
@@ -41,8 +42,10 @@ from minildm.applications.editing import (
 )
 from minildm.applications.scores import cell_masks, inpainting_accuracy, layout_accuracy
 
-__all__ = ["KINDS", "bicubic_upsample", "captionless_batches", "cell_masks", "check_guidance", "check_mask", "check_prompts",
-           "check_strength", "concat_recipe", "condition_channels", "img2img", "img2img_images", "inpaint",
-           "inpaint_images", "inpaint_with_model", "inpainting_accuracy", "inpainting_condition", "latent_mask",
-           "layout_accuracy", "layout_condition", "layout_to_image", "low_resolution", "make_condition", "paste_known",
-           "random_box_masks", "repaint_path", "sample_concat", "sdedit_timesteps", "super_resolve", "train_concat"]
+__all__ = ["CONDITION_DROP", "KINDS", "bicubic_upsample", "captionless_batches", "cell_masks",
+           "check_guidance", "check_mask", "check_prompts", "check_strength", "concat_recipe",
+           "condition_channels", "img2img", "img2img_images", "inpaint", "inpaint_images",
+           "inpaint_with_model", "inpainting_accuracy", "inpainting_condition", "latent_mask",
+           "layout_accuracy", "layout_condition", "layout_to_image", "low_resolution", "make_condition",
+           "paste_known", "random_box_masks", "repaint_path", "sample_concat", "sdedit_timesteps",
+           "super_resolve", "train_concat"]

@@ -18,8 +18,15 @@ conditions on Shapes (`condition_channels`):
                       latent cell, 7 channels. It fixes where each object is, its shape and size, not its colour.
 
 Each model keeps the caption input (dropped during training 10% of the time for inpainting, so that classifier-free
-guidance works as in text-to-image, half the time for layout, always for super-resolution) and starts from the text-to-image model when one is given (`Denoiser.load_widened`: the new
-input channels start at zero, so training begins from a model that already draws Shapes).
+guidance works as in text-to-image, half the time for layout, always for super-resolution) and starts from the
+text-to-image model when one is given (`Denoiser.load_widened`: the new input channels start at zero, so training
+begins from a model that already draws Shapes).
+
+Guidance on the image condition (super-resolution, which has no caption to guide with): training also zeroes the
+condition of 10% of the batch (`CONDITION_DROP`; zeros are what the widened model read before fine-tuning), so one
+network predicts both eps([z_t, c]) and eps([z_t, 0]); sampling with `guidance_scale` s > 1 then uses
+eps([z_t, 0]) + s (eps([z_t, c]) - eps([z_t, 0])), classifier-free guidance with the image as the condition
+(as InstructPix2Pix, Brooks et al. 2023, guides on its input image), which pushes each sample to agree more with c.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from minildm import distributed
 from minildm.applications.editing import check_guidance, check_mask, check_prompts, latent_mask
 from minildm.config import DiffusionRecipe, diffusion_recipe
 from minildm.data.datasets import dataset_batch_at
@@ -39,6 +47,9 @@ from minildm.samplers import sample
 
 KINDS = ("inpainting", "super_resolution", "layout")
 LAYOUT_CLASSES = 1 + len(SHAPES)  # background + one per shape, as in the Shapes mask
+# The fraction of each training batch whose image condition is zeroed, for guidance on it (super-resolution only:
+# inpainting and layout guide with the caption, as text-to-image does).
+CONDITION_DROP = {"inpainting": 0.0, "super_resolution": 0.1, "layout": 0.0}
 
 
 def condition_channels(kind: str, latent_channels: int = 4) -> int:
@@ -100,23 +111,34 @@ def layout_condition(semantic_mask: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(one_hot, size)
 
 
-def make_condition(kind: str, autoencoder=None, runtime=None):
+def make_condition(kind: str, autoencoder=None, runtime=None, drop: float | None = None):
     """condition(step, batch, z) -> (B, C_c, h, w) for `diffusion_batch_fn`. "inpainting" needs the `autoencoder`
     (it encodes the images with their hole); its training holes come from a generator seeded by the step, so a
-    resumed run sees the same ones."""
+    resumed run sees the same ones. `drop` (default `CONDITION_DROP[kind]`): the fraction of items whose condition
+    is zeros, drawn for the global batch from a generator seeded by the step (each rank keeps its part)."""
     condition_channels(kind)
     if kind == "inpainting" and autoencoder is None:
         raise ValueError("the inpainting condition encodes the masked image: pass make_condition('inpainting', "
                          "autoencoder)")
+    drop = CONDITION_DROP[kind] if drop is None else drop
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"drop is the fraction of conditions zeroed in training, in [0, 1); got {drop}")
 
     def condition(step: int, batch: dict, z: torch.Tensor) -> torch.Tensor:
         h, images = z.shape[-1], batch["image"]
         if kind == "inpainting":
             masks = random_box_masks(len(z), images.shape[-1], torch.Generator().manual_seed(step))
-            return inpainting_condition(images, masks.to(images.device), autoencoder, runtime)
-        if kind == "super_resolution":
-            return low_resolution(images, images.shape[-1] // h)
-        return layout_condition(batch["mask"], h)
+            c = inpainting_condition(images, masks.to(images.device), autoencoder, runtime)
+        elif kind == "super_resolution":
+            c = low_resolution(images, images.shape[-1] // h)
+        else:
+            c = layout_condition(batch["mask"], h)
+        if drop > 0:
+            n = len(c) * distributed.place().world_size
+            draws = torch.Generator().manual_seed(1_000_003 + step)  # not the holes' stream (seeded by step)
+            keep = distributed.part_of(torch.rand(n, generator=draws) >= drop)  # (B,) bool, on the CPU
+            c = c * keep.to(c.device, c.dtype).view(-1, 1, 1, 1)
+        return c
 
     return condition
 
@@ -178,9 +200,11 @@ def captionless_batches(dataset, batch_size: int, device, seed: int = 0):
 @torch.no_grad()
 def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder, captions=None,
                   guidance_scale: float = 1.0, sampler: str = "ddim", steps: int | None = 50, seed: int = 0,
-                  prediction: str = "eps") -> torch.Tensor:
+                  prediction: str = "eps", guide_condition: bool = False) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] from a denoiser with concatenated condition `concat` (B, C_c, h, w); captions:
-    None (no caption: the empty one for every image) or one prompt per image (`check_prompts`)."""
+    None (no caption: the empty one for every image) or one prompt per image (`check_prompts`). With guidance
+    (scale != 1) the unconditional pass gets the empty caption and, with `guide_condition`, zeros for `concat` too
+    (for a model trained with `CONDITION_DROP`)."""
     denoiser.eval()
     schedule.to(runtime.device)
     B, latent = concat.shape[0], autoencoder.cfg.latent_shape
@@ -189,9 +213,12 @@ def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder
     captions = [""] * B if captions is None else check_prompts(denoiser.tokenizer, captions, B)
     concat = concat.to(runtime.device)
 
-    def model(x, t, ids):  # the guided pass doubles the batch: the condition is the same for both halves
+    def model(x, t, ids):  # a guided pass doubles the batch: [unconditional half, conditional half]
+        c = concat
+        if x.shape[0] == 2 * B:
+            c = torch.cat([torch.zeros_like(concat) if guide_condition else concat, concat])
         with runtime.autocast():
-            return denoiser(x, t, ids, concat=concat.repeat(x.shape[0] // B, 1, 1, 1)).float()
+            return denoiser(x, t, ids, concat=c).float()
 
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     z = sample(model, (B, *latent), schedule, sampler=sampler, steps=steps, context=denoiser.tokenize(captions),
@@ -203,7 +230,9 @@ def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder
 
 def super_resolve(denoiser, schedule, low_res: torch.Tensor, runtime, autoencoder, **kwargs) -> torch.Tensor:
     """A super-resolution model's images (B, 3, H, W) for low-resolution images (B, 3, h, w), h x w the latent grid
-    (e.g. 16 x 16 for 64 px with f = 4). kwargs: those of `sample_concat`."""
+    (e.g. 16 x 16 for 64 px with f = 4). kwargs: those of `sample_concat`; `guidance_scale` > 1 guides on the
+    low-resolution image (`guide_condition`, on by default here)."""
+    kwargs.setdefault("guide_condition", True)
     _, h, w = autoencoder.cfg.latent_shape
     if low_res.ndim != 4 or tuple(low_res.shape[1:]) != (3, h, w):
         got = tuple(low_res.shape)
