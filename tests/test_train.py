@@ -279,6 +279,6 @@ def test_minildm_train_compiles_by_default_only_on_a_gpu_in_full_mode():
         return compile_mode(argparse.Namespace(compile=flag),
                             Runtime(device=torch.device(device), dtype=torch.float32, fast=fast))
 
-    assert mode("auto", "cuda", False) == "reduce-overhead"
+    assert mode("auto", "cuda", False) == "cudagraphs"
     assert mode("auto", "cuda", True) is None and mode("auto", "cpu", False) is None
     assert mode("off", "cuda", False) is None and mode("default", "cpu", True) == "default"
