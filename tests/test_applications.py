@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from minildm.applications import (
+    bicubic_upsample,
     cell_masks,
     check_mask,
     check_prompts,
@@ -24,6 +25,7 @@ from minildm.applications import (
     make_condition,
     random_box_masks,
     repaint_path,
+    sample_concat,
     sdedit_timesteps,
     super_resolve,
     train_concat,
@@ -540,3 +542,45 @@ def test_guidance_on_the_image_condition_gives_the_unconditional_pass_zeros():
     seen.clear()
     super_resolve(denoiser, schedule, low, rt, ae, steps=2)
     assert len(seen) == 2 and all(torch.equal(c, low) for c in seen)
+
+
+def test_super_resolution_can_start_from_the_noised_bicubic_upsampling():
+    """strength s < 1: the first model call sees q(z_t0 | z_b) with t0 = round(s (T - 1)) and z_b the latents of the
+    bicubic upsampling (noise from the sampler's seeded generator), and sampling takes round(s * steps) steps;
+    s = 0 is the autoencoder's reading of the bicubic image without any model call; s = 1 is the plain sampler."""
+    from minildm.device import Runtime
+
+    rt = Runtime(torch.device("cpu"), torch.float32, fast=True)
+    ae, schedule = tiny_autoencoder(32), NoiseSchedule.from_name("linear", 100)
+    denoiser = tiny_task("super_resolution").denoiser
+    calls = []
+    forward = denoiser.forward
+
+    def recording(x, t, ids, concat=None):
+        calls.append((x.clone(), t.clone()))
+        return forward(x, t, ids, concat=concat)
+
+    denoiser.forward = recording
+    low = torch.rand(2, 3, 8, 8, generator=gen(3)) * 2 - 1
+    with torch.no_grad():
+        z_b = ae.encode_latents(bicubic_upsample(low, 32))  # (2, 4, 8, 8)
+
+    out = super_resolve(denoiser, schedule, low, rt, ae, steps=10, strength=0.3)
+    t0 = round(0.3 * 99)
+    assert len(calls) == 3 and int(calls[0][1][0]) == t0 and all(int(t[0]) < t0 for _, t in calls[1:])
+    noise = torch.randn(z_b.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(calls[0][0], schedule.q_sample(z_b, t0, noise))
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
+
+    calls.clear()
+    with torch.no_grad():
+        expected = ae.decode_latents(z_b).clamp(-1, 1)
+    torch.testing.assert_close(super_resolve(denoiser, schedule, low, rt, ae, strength=0.0), expected)
+    assert calls == []
+
+    plain = super_resolve(denoiser, schedule, low, rt, ae, steps=4)
+    assert torch.equal(super_resolve(denoiser, schedule, low, rt, ae, steps=4, strength=1.0), plain)
+    with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
+        super_resolve(denoiser, schedule, low, rt, ae, strength=1.5)
+    with pytest.raises(ValueError, match=r"pass start of shape \(2, 4, 8, 8\)"):
+        sample_concat(denoiser, schedule, low, rt, ae, strength=0.5)

@@ -27,6 +27,12 @@ condition of 10% of the batch (`CONDITION_DROP`; zeros are what the widened mode
 network predicts both eps([z_t, c]) and eps([z_t, 0]); sampling with `guidance_scale` s > 1 then uses
 eps([z_t, 0]) + s (eps([z_t, c]) - eps([z_t, 0])), classifier-free guidance with the image as the condition
 (as InstructPix2Pix, Brooks et al. 2023, guides on its input image), which pushes each sample to agree more with c.
+
+Starting super-resolution from the bicubic upsampling (`super_resolve(..., strength=s)`, s < 1): instead of pure
+noise, sampling starts at t0 = s (T - 1) from q(z_t0 | z_b) = N(sqrt(abar_t0) z_b, (1 - abar_t0) I), z_b the latent
+of the bicubic upsampling, and takes that fraction of the steps: SDEdit (Meng et al. 2022) with the low-resolution
+image as the edit. What the noise at t0 hides (the fine detail bicubic blurs) is drawn anew by the model; what it
+leaves (the coarse layout, which the low-resolution image already pins down) comes from the start.
 """
 
 from __future__ import annotations
@@ -38,12 +44,19 @@ import torch
 import torch.nn.functional as F
 
 from minildm import distributed
-from minildm.applications.editing import check_guidance, check_mask, check_prompts, latent_mask
+from minildm.applications.editing import (
+    check_guidance,
+    check_mask,
+    check_prompts,
+    check_strength,
+    latent_mask,
+    sdedit_timesteps,
+)
 from minildm.config import DiffusionRecipe, diffusion_recipe
 from minildm.data.datasets import dataset_batch_at
 from minildm.data.shapes import SHAPES
 from minildm.pipeline import diffusion_batch_fn, train_diffusion
-from minildm.samplers import sample
+from minildm.samplers import DEFAULT_STEPS, sample
 
 KINDS = ("inpainting", "super_resolution", "layout")
 LAYOUT_CLASSES = 1 + len(SHAPES)  # background + one per shape, as in the Shapes mask
@@ -200,11 +213,14 @@ def captionless_batches(dataset, batch_size: int, device, seed: int = 0):
 @torch.no_grad()
 def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder, captions=None,
                   guidance_scale: float = 1.0, sampler: str = "ddim", steps: int | None = 50, seed: int = 0,
-                  prediction: str = "eps", guide_condition: bool = False) -> torch.Tensor:
+                  prediction: str = "eps", guide_condition: bool = False, start: torch.Tensor | None = None,
+                  strength: float = 1.0) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] from a denoiser with concatenated condition `concat` (B, C_c, h, w); captions:
     None (no caption: the empty one for every image) or one prompt per image (`check_prompts`). With guidance
     (scale != 1) the unconditional pass gets the empty caption and, with `guide_condition`, zeros for `concat` too
-    (for a model trained with `CONDITION_DROP`)."""
+    (for a model trained with `CONDITION_DROP`). `start` (B, C, h, w), scaled latents, with `strength` < 1: begin at
+    t0 = strength (T - 1) from q(z_t0 | start) and take that fraction of the steps (SDEdit, `sdedit_timesteps`);
+    strength 0 decodes `start` as it is, strength 1 (the default) starts from pure noise."""
     denoiser.eval()
     schedule.to(runtime.device)
     B, latent = concat.shape[0], autoencoder.cfg.latent_shape
@@ -221,17 +237,33 @@ def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder
             return denoiser(x, t, ids, concat=c).float()
 
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
-    z = sample(model, (B, *latent), schedule, sampler=sampler, steps=steps, context=denoiser.tokenize(captions),
+    timesteps, z_start = steps, None
+    if check_strength(strength) < 1:
+        if start is None or tuple(start.shape) != (B, *latent):
+            raise ValueError(f"strength {strength} < 1 starts from given latents: pass start of shape {(B, *latent)} "
+                             f"(e.g. the latents of the bicubic upsampling), got "
+                             f"{None if start is None else tuple(start.shape)}")
+        full = (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T)) if steps is None else steps
+        timesteps = sdedit_timesteps(schedule.T, strength, full)
+        start = start.to(runtime.device, torch.float32)
+        if not timesteps:  # strength 0: nothing to denoise
+            with runtime.autocast():
+                return autoencoder.decode_latents(start).float().clamp(-1, 1)
+        noise = torch.randn(start.shape, generator=generator, device=runtime.device)
+        z_start = schedule.q_sample(start, timesteps[0], noise)  # q(z_t0 | start)
+    z = sample(model, (B, *latent), schedule, sampler=sampler, steps=timesteps, context=denoiser.tokenize(captions),
                prediction=prediction, generator=generator, device=runtime.device, guidance_scale=guidance_scale,
-               uncond_context=denoiser.tokenize([""] * B))
+               uncond_context=denoiser.tokenize([""] * B), x_start=z_start)
     with runtime.autocast():
         return autoencoder.decode_latents(z).float().clamp(-1, 1)
 
 
-def super_resolve(denoiser, schedule, low_res: torch.Tensor, runtime, autoencoder, **kwargs) -> torch.Tensor:
+def super_resolve(denoiser, schedule, low_res: torch.Tensor, runtime, autoencoder, strength: float = 1.0,
+                  **kwargs) -> torch.Tensor:
     """A super-resolution model's images (B, 3, H, W) for low-resolution images (B, 3, h, w), h x w the latent grid
     (e.g. 16 x 16 for 64 px with f = 4). kwargs: those of `sample_concat`; `guidance_scale` > 1 guides on the
-    low-resolution image (`guide_condition`, on by default here)."""
+    low-resolution image (`guide_condition`, on by default here). strength < 1 starts from the latents of the
+    bicubic upsampling noised to t0 = strength (T - 1) instead of pure noise (SDEdit; the module docstring)."""
     kwargs.setdefault("guide_condition", True)
     _, h, w = autoencoder.cfg.latent_shape
     if low_res.ndim != 4 or tuple(low_res.shape[1:]) != (3, h, w):
@@ -239,7 +271,11 @@ def super_resolve(denoiser, schedule, low_res: torch.Tensor, runtime, autoencode
         raise ValueError(f"this super-resolution model takes low-resolution images (B, 3, {h}, {w}) (its latent grid: "
                          f"{autoencoder.cfg.image_size} px / f={autoencoder.cfg.downsample_factor}), got {got}; "
                          f"make them with low_resolution(images, {autoencoder.cfg.downsample_factor})")
-    return sample_concat(denoiser, schedule, low_res, runtime, autoencoder, **kwargs)
+    if check_strength(strength) < 1:
+        with torch.no_grad(), runtime.autocast():
+            upsampled = bicubic_upsample(low_res.to(runtime.device), autoencoder.cfg.image_size)
+            kwargs["start"] = autoencoder.encode_latents(upsampled).float()  # (B, C, h, w), scaled
+    return sample_concat(denoiser, schedule, low_res, runtime, autoencoder, strength=strength, **kwargs)
 
 
 def layout_to_image(denoiser, schedule, semantic_mask: torch.Tensor, runtime, autoencoder, **kwargs) -> torch.Tensor:
