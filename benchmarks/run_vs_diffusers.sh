@@ -7,7 +7,7 @@
 # The latent shape (the recipe's, the goals) in every mode first: eager, compiled, compiled-graphs (the
 # second compile finds the first one's kernels in the inductor cache); then the pixel shape eager. Each under a time
 # limit: a process stopped by its limit keeps the records it has written, and table.md is made from what came back.
-# PHASE=infer: only the compiled inference rows and train_speed.py's shipped step (see below).
+# PHASE=infer: only the compiled inference rows (about 5 minutes; TRAIN_SPEED=1 adds train_speed.py's shipped step).
 # A smoke test on a CPU: SMOKE=1 OUT=/tmp/vsd PYTHON=<python with torch> PYTHONPATH=<diffusers> bash <this script>
 set -u
 PY=${PYTHON:-python3}
@@ -31,11 +31,12 @@ bench() {  # bench <seconds allowed> <arguments...>
   timeout "$1" $PY benchmarks/vs_diffusers.py "${args[@]}" --out "$res" "${@:2}" >> "$log" 2>&1
   echo "== exit $? after $SECONDS s in all" | tee -a "$log"
 }
-if [ "${PHASE:-all}" = infer ]; then  # PHASE=infer: the compiled inference rows alone (each compile is cold) and
-  # the Trainer's step as shipped, eager and with CUDA graphs, with its timeline (train_speed.py); about 8 minutes
+if [ "${PHASE:-all}" = infer ]; then  # PHASE=infer: the compiled inference rows alone (each compile is cold); with
+  # TRAIN_SPEED=1 also the Trainer's step as shipped, eager and with CUDA graphs, with its timeline (train_speed.py;
+  # session 9 measured its cudagraphs variant: benchmarks/results/h200/speed_4_*)
   bench $limit_latent --modes compiled compiled-graphs --tasks infer --shapes latent
   $PY benchmarks/vs_diffusers.py --table-from "$res" | tee "$OUT/table.md"
-  [ -z "${SMOKE:-}" ] && timeout $(( total - SECONDS )) $PY benchmarks/train_speed.py --models diffusion \
+  [ -z "${SMOKE:-}" ] && [ -n "${TRAIN_SPEED:-}" ] && timeout $(( total - SECONDS )) $PY benchmarks/train_speed.py --models diffusion \
     --no-channels-last --only-graphs --seconds 3 --peak-tflops 775 --out "$OUT/train_speed" > "$OUT/train_speed.txt" 2>&1
   tail -12 "$OUT/train_speed.txt" 2>/dev/null
   echo "run_vs_diffusers.sh (PHASE=infer): $SECONDS s"
