@@ -49,14 +49,14 @@ from minildm.applications.editing import (
     check_mask,
     check_prompts,
     check_strength,
+    img2img,
     latent_mask,
-    sdedit_timesteps,
 )
 from minildm.config import DiffusionRecipe, diffusion_recipe
 from minildm.data.datasets import dataset_batch_at
 from minildm.data.shapes import SHAPES
 from minildm.pipeline import diffusion_batch_fn, train_diffusion
-from minildm.samplers import DEFAULT_STEPS, sample
+from minildm.samplers import sample
 
 KINDS = ("inpainting", "super_resolution", "layout")
 LAYOUT_CLASSES = 1 + len(SHAPES)  # background + one per shape, as in the Shapes mask
@@ -219,8 +219,8 @@ def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder
     None (no caption: the empty one for every image) or one prompt per image (`check_prompts`). With guidance
     (scale != 1) the unconditional pass gets the empty caption and, with `guide_condition`, zeros for `concat` too
     (for a model trained with `CONDITION_DROP`). `start` (B, C, h, w), scaled latents, with `strength` < 1: begin at
-    t0 = strength (T - 1) from q(z_t0 | start) and take that fraction of the steps (SDEdit, `sdedit_timesteps`);
-    strength 0 decodes `start` as it is, strength 1 (the default) starts from pure noise."""
+    t0 = strength (T - 1) from q(z_t0 | start) and take that fraction of the steps (SDEdit: `img2img`); strength 0
+    decodes `start` as it is, strength 1 (the default) starts from pure noise."""
     denoiser.eval()
     schedule.to(runtime.device)
     B, latent = concat.shape[0], autoencoder.cfg.latent_shape
@@ -237,23 +237,18 @@ def sample_concat(denoiser, schedule, concat: torch.Tensor, runtime, autoencoder
             return denoiser(x, t, ids, concat=c).float()
 
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
-    timesteps, z_start = steps, None
-    if check_strength(strength) < 1:
+    context, uncond = denoiser.tokenize(captions), denoiser.tokenize([""] * B)
+    if check_strength(strength) < 1:  # SDEdit from `start`
         if start is None or tuple(start.shape) != (B, *latent):
             raise ValueError(f"strength {strength} < 1 starts from given latents: pass start of shape {(B, *latent)} "
                              f"(e.g. the latents of the bicubic upsampling), got "
                              f"{None if start is None else tuple(start.shape)}")
-        full = (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T)) if steps is None else steps
-        timesteps = sdedit_timesteps(schedule.T, strength, full)
-        start = start.to(runtime.device, torch.float32)
-        if not timesteps:  # strength 0: nothing to denoise
-            with runtime.autocast():
-                return autoencoder.decode_latents(start).float().clamp(-1, 1)
-        noise = torch.randn(start.shape, generator=generator, device=runtime.device)
-        z_start = schedule.q_sample(start, timesteps[0], noise)  # q(z_t0 | start)
-    z = sample(model, (B, *latent), schedule, sampler=sampler, steps=timesteps, context=denoiser.tokenize(captions),
-               prediction=prediction, generator=generator, device=runtime.device, guidance_scale=guidance_scale,
-               uncond_context=denoiser.tokenize([""] * B), x_start=z_start)
+        z = img2img(model, start.to(runtime.device, torch.float32), schedule, strength, sampler=sampler, steps=steps,
+                    context=context, prediction=prediction, guidance_scale=guidance_scale, uncond_context=uncond,
+                    generator=generator)
+    else:
+        z = sample(model, (B, *latent), schedule, sampler=sampler, steps=steps, context=context, prediction=prediction,
+                   generator=generator, device=runtime.device, guidance_scale=guidance_scale, uncond_context=uncond)
     with runtime.autocast():
         return autoencoder.decode_latents(z).float().clamp(-1, 1)
 
