@@ -37,7 +37,7 @@ if [ "${PHASE:-all}" = infer ]; then  # PHASE=infer: the compiled inference rows
   bench $limit_latent --modes compiled compiled-graphs --tasks infer --shapes latent
   $PY benchmarks/vs_diffusers.py --table-from "$res" | tee "$OUT/table.md"
   [ -z "${SMOKE:-}" ] && [ -n "${TRAIN_SPEED:-}" ] && timeout $(( total - SECONDS )) $PY benchmarks/train_speed.py --models diffusion \
-    --no-channels-last --only-graphs --seconds 3 --peak-tflops 775 --out "$OUT/train_speed" > "$OUT/train_speed.txt" 2>&1
+    --no-channels-last --modes reduce-overhead cudagraphs --seconds 3 --peak-tflops 775 --out "$OUT/train_speed" > "$OUT/train_speed.txt" 2>&1
   tail -12 "$OUT/train_speed.txt" 2>/dev/null
   echo "run_vs_diffusers.sh (PHASE=infer): $SECONDS s"
   exit 0

@@ -182,10 +182,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--models", nargs="+", choices=["diffusion", "autoencoder"], default=["diffusion", "autoencoder"])
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels-last variants")
-    parser.add_argument("--only-graphs", action="store_true",
-                        help="of the compiled variants, only those with CUDA graphs (what `minildm train` may use)")
     parser.add_argument("--modes", nargs="+", choices=["default", "reduce-overhead", "cudagraphs"],
-                        help="of the compiled variants, only these TrainConfig.compile values (default: all)")
+                        help="of the compiled variants, only these TrainConfig.compile values (default: all; "
+                        "`--modes reduce-overhead cudagraphs`: those with CUDA graphs, what `minildm train` may use)")
     parser.add_argument("--fast", action="store_true", help="the fast-mode recipes (a smoke test on a CPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,8 +215,6 @@ def main(argv=None) -> None:
                          ("cudagraphs backend (eager kernels as CUDA graphs)", False, "cudagraphs")]
         if args.no_channels_last:
             variants = [v for v in variants if not v[1]]
-        if args.only_graphs:
-            variants = [v for v in variants if v[2] != "default"]
         if args.modes:
             variants = [v for v in variants if v[2] is None or v[2] in args.modes]
         flops = None

@@ -518,6 +518,18 @@ def test_super_resolution_training_zeroes_a_tenth_of_its_conditions_the_same_way
         make_condition("super_resolution", drop=1.0)
 
 
+def record_calls(denoiser) -> list:
+    """Make `denoiser` append (x, t, concat), cloned, to the returned list at every call."""
+    calls, forward = [], denoiser.forward
+
+    def recording(x, t, ids, concat=None):
+        calls.append((x.clone(), t.clone(), concat.clone()))
+        return forward(x, t, ids, concat=concat)
+
+    denoiser.forward = recording
+    return calls
+
+
 def test_guidance_on_the_image_condition_gives_the_unconditional_pass_zeros():
     """super_resolve with guidance_scale > 1: one model call per step on [zeros, c] (the unconditional half first, as
     `model_output` orders them); without guidance, one pass on c alone."""
@@ -526,21 +538,16 @@ def test_guidance_on_the_image_condition_gives_the_unconditional_pass_zeros():
     rt = Runtime(torch.device("cpu"), torch.float32, fast=True)
     ae, schedule = tiny_autoencoder(32), NoiseSchedule.from_name("linear", 100)
     denoiser = tiny_task("super_resolution").denoiser
-    seen = []
-    forward = denoiser.forward
-
-    def recording(x, t, ids, concat=None):
-        seen.append(concat.clone())
-        return forward(x, t, ids, concat=concat)
-
-    denoiser.forward = recording
+    calls = record_calls(denoiser)
     low = torch.rand(2, 3, 8, 8) * 2 - 1
     super_resolve(denoiser, schedule, low, rt, ae, guidance_scale=3.0, steps=2)
+    seen = [c for _, _, c in calls]
     assert len(seen) == 2 and all(c.shape == (4, 3, 8, 8) for c in seen)
     for c in seen:
         assert torch.equal(c[:2], torch.zeros(2, 3, 8, 8)) and torch.equal(c[2:], low)
-    seen.clear()
+    calls.clear()
     super_resolve(denoiser, schedule, low, rt, ae, steps=2)
+    seen = [c for _, _, c in calls]
     assert len(seen) == 2 and all(torch.equal(c, low) for c in seen)
 
 
@@ -553,21 +560,14 @@ def test_super_resolution_can_start_from_the_noised_bicubic_upsampling():
     rt = Runtime(torch.device("cpu"), torch.float32, fast=True)
     ae, schedule = tiny_autoencoder(32), NoiseSchedule.from_name("linear", 100)
     denoiser = tiny_task("super_resolution").denoiser
-    calls = []
-    forward = denoiser.forward
-
-    def recording(x, t, ids, concat=None):
-        calls.append((x.clone(), t.clone()))
-        return forward(x, t, ids, concat=concat)
-
-    denoiser.forward = recording
+    calls = record_calls(denoiser)
     low = torch.rand(2, 3, 8, 8, generator=gen(3)) * 2 - 1
     with torch.no_grad():
         z_b = ae.encode_latents(bicubic_upsample(low, 32))  # (2, 4, 8, 8)
 
     out = super_resolve(denoiser, schedule, low, rt, ae, steps=10, strength=0.3)
     t0 = round(0.3 * 99)
-    assert len(calls) == 3 and int(calls[0][1][0]) == t0 and all(int(t[0]) < t0 for _, t in calls[1:])
+    assert len(calls) == 3 and int(calls[0][1][0]) == t0 and all(int(t[0]) < t0 for _, t, _ in calls[1:])
     noise = torch.randn(z_b.shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(calls[0][0], schedule.q_sample(z_b, t0, noise))
     assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
