@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from minildm import train as T
 from minildm.autoencoder import Autoencoder
 from minildm.config import autoencoder_recipe, diffusion_recipe
 from minildm.device import setup
 from minildm.pipeline import DiffusionTask, diffusion_batch_fn
+from minildm.train import Trainer
 
 
 def train_once(mode: str | None, steps: int, batch: int, rt, autoencoder) -> tuple[list[float], dict, dict]:
@@ -33,7 +33,7 @@ def train_once(mode: str | None, steps: int, batch: int, rt, autoencoder) -> tup
     rec.train.ckpt_every, rec.train.max_seconds, rec.train.compile = 10**9, None, mode
     torch.manual_seed(0)  # the same initial weights every time
     task = DiffusionTask(rec.unet, rec.text, rec.diffusion)
-    trainer = T.Trainer(task, rec.train, rt, None)
+    trainer = Trainer(task, rec.train, rt, None)
     t0 = time.time()
     history = trainer.fit(diffusion_batch_fn(rec.data, batch, rt, autoencoder), progress=False)
     if rt.device.type == "cuda":

@@ -148,7 +148,9 @@ def make_condition(kind: str, autoencoder=None, runtime=None, drop: float | None
             c = layout_condition(batch["mask"], h)
         if drop > 0:
             n = len(c) * distributed.place().world_size
-            draws = torch.Generator().manual_seed(1_000_003 + step)  # not the holes' stream (seeded by step)
+            # The caption dropout's draws (DiffusionTask.losses): with caption_drop >= drop, an item whose condition
+            # is zeroed also has its caption dropped, the pair a guided sampler's unconditional pass asks for.
+            draws = distributed.step_generator(step, "cpu", seed=1)
             keep = distributed.part_of(torch.rand(n, generator=draws) >= drop)  # (B,) bool, on the CPU
             c = c * keep.to(c.device, c.dtype).view(-1, 1, 1, 1)
         return c
