@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from minildm import distributed
 from minildm.checkpoint import CheckpointError, load_checkpoint
 from minildm.data.shapes import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, ShapesConfig, shapes_batch_at
 from minildm.device import Runtime
@@ -162,13 +163,15 @@ class JudgeTask(nn.Module):
     def __init__(self, cfg: JudgeConfig):
         super().__init__()
         self.cfg, self.judge = cfg, ShapesJudge(cfg)
-        self.generator = torch.Generator().manual_seed(JUDGE_SEED)
 
     def param_groups(self) -> dict:
         return {"judge": list(self.judge.parameters())}
 
     def losses(self, batch: dict, step: int):
-        x = soften(batch["image"], self.cfg.blur_sigma, self.cfg.noise_std, self.generator)
+        # The blur and noise are drawn on the images' device from a generator seeded by the step: no batch of noise
+        # drawn on the CPU and copied over in every step, and a resumed run draws what the interrupted one would have.
+        draws = distributed.step_generator(step, batch["image"].device, seed=JUDGE_SEED)
+        x = soften(batch["image"], self.cfg.blur_sigma, self.cfg.noise_std, draws)
         loss = judge_loss(self.judge(x), cell_labels(batch["attributes"]))
         return {"judge": loss}, {"loss": loss.detach()}
 
