@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# benchmarks/vs_diffusers.py on the GPU machine in one device call (about 8 minutes, always under 9.5), then the
-# sampler's CUDA graph with and without compilation (sampling_speed.py).
+# benchmarks/vs_diffusers.py on the GPU machine: issue 10's table, minildm against diffusers side by side, in two
+# device calls back to back on one machine (with cold compiler caches the whole table takes about 13 minutes, more
+# than one 10-minute call: session 11's single call ran out in the CUDA-graph rows).
 #   Here, once:  ../shared/tools/gpu-wheels.sh diffusers==0.42.1 "huggingface_hub<2"     (fills .whl/)
-#   Device call: carry [".whl"], command `bash benchmarks/run_vs_diffusers.sh`
-#   Back in $OUT: vs_diffusers.jsonl (the records), table.md (the tables), log.txt (everything printed).
-# The latent shape (the recipe's, the issue's goals) in every mode first: eager, compiled, compiled-graphs (the
-# second compile finds the first one's kernels in the inductor cache); then the pixel shape eager. Each under a time
+#   Device calls: carry [".whl"], `PHASE=1 bash benchmarks/run_vs_diffusers.sh`, then within 30 s
+#                 `PHASE=2 bash benchmarks/run_vs_diffusers.sh` (each about 9 minutes, always under 9.5)
+#   Back in $OUT: vs_diffusers.jsonl (the records), table.md (the tables), log.txt (everything printed). The two
+#   phases' tables together: python benchmarks/vs_diffusers.py --table-from phase1.jsonl phase2.jsonl
+# PHASE=1: the latent shape eager, then compiled in torch.compile's default mode (training and inference), then the
+#          pixel shape eager. PHASE=2: the latent shape compiled and recorded as CUDA graphs ("reduce-overhead"),
+#          then the sampler's CUDA graph with and without compilation (sampling_speed.py). Each step under a time
 # limit: a process stopped by its limit keeps the records it has written, and table.md is made from what came back.
 # PHASE=infer: only the compiled inference rows (about 5 minutes; TRAIN_SPEED=1 adds train_speed.py's shipped step).
 # A smoke test on a CPU: SMOKE=1 OUT=/tmp/vsd PYTHON=<python with torch> PYTHONPATH=<diffusers> bash <this script>
@@ -42,18 +46,23 @@ if [ "${PHASE:-all}" = infer ]; then  # PHASE=infer: the compiled inference rows
   echo "run_vs_diffusers.sh (PHASE=infer): $SECONDS s"
   exit 0
 fi
-bench $limit_eager --modes eager --shapes latent
-bench $limit_latent --modes compiled compiled-graphs --shapes latent
-$PY benchmarks/vs_diffusers.py --table-from "$res" | tee "$OUT/table.md"
-if [ -z "${SMOKE:-}" ]; then  # the sampler: eager, its CUDA graph, compiled then graphed (TRAIN_SPEED=1: the Trainer's step)
-  timeout 90 $PY benchmarks/sampling_speed.py --spaces latent --steps 50 --batch 256 \
-    --out "$OUT/sampling_speed.json" > "$OUT/sampling_speed.txt" 2>&1
-  tail -4 "$OUT/sampling_speed.txt"
-  [ -n "${TRAIN_SPEED:-}" ] && timeout $(( total - SECONDS )) $PY benchmarks/train_speed.py --models diffusion \
-    --no-channels-last --seconds 3 --peak-tflops 775 --out "$OUT/train_speed" > "$OUT/train_speed.txt" 2>&1
+if [ "${PHASE:-1}" = 1 ]; then
+  bench $limit_eager --modes eager --shapes latent
+  bench $limit_latent --modes compiled --shapes latent
+  left=$(( total - SECONDS ))
+  if [ $left -gt 40 ]; then bench $left --modes eager --shapes pixel; fi
+elif [ "$PHASE" = 2 ]; then
+  bench $(( total - 110 )) --modes compiled-graphs --shapes latent  # leaves the sampler its 90 s
+  if [ -z "${SMOKE:-}" ]; then  # the sampler: eager, its CUDA graph, compiled then graphed (TRAIN_SPEED=1: the Trainer's step)
+    timeout 90 $PY benchmarks/sampling_speed.py --spaces latent --steps 50 --batch 256 \
+      --out "$OUT/sampling_speed.json" > "$OUT/sampling_speed.txt" 2>&1
+    tail -4 "$OUT/sampling_speed.txt"
+    [ -n "${TRAIN_SPEED:-}" ] && timeout $(( total - SECONDS )) $PY benchmarks/train_speed.py --models diffusion \
+      --no-channels-last --seconds 3 --peak-tflops 775 --out "$OUT/train_speed" > "$OUT/train_speed.txt" 2>&1
+  fi
+else
+  echo "PHASE must be 1, 2 or infer, got '$PHASE'" >&2; exit 2
 fi
-left=$(( total - SECONDS ))
-if [ $left -gt 40 ]; then bench $left --modes eager --shapes pixel; fi
-$PY benchmarks/vs_diffusers.py --table-from "$res" > "$OUT/table.md"
+$PY benchmarks/vs_diffusers.py --table-from "$res" | tee "$OUT/table.md"
 grep -i -m5 "error\|Traceback" "$log"
-echo "run_vs_diffusers.sh: $SECONDS s"
+echo "run_vs_diffusers.sh (PHASE=${PHASE:-1}): $SECONDS s"

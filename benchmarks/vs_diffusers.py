@@ -336,10 +336,12 @@ def main(argv=None) -> None:
                         help="bf16 peak for the fraction column (default 775: an H200's measured matmul peak)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny widths and shapes, two steps per timing, compiled with aot_eager (a CPU)")
-    parser.add_argument("--table-from", type=Path, help="only print the tables of this JSON-lines file")
+    parser.add_argument("--table-from", type=Path, nargs="+",
+                        help="only print the tables of these JSON-lines files (e.g. the two phases of one run)")
     args = parser.parse_args(argv)
     if args.table_from:
-        print(tables([json.loads(line) for line in args.table_from.read_text().splitlines() if line.strip()]))
+        print(tables([json.loads(line) for path in args.table_from for line in path.read_text().splitlines()
+                      if line.strip()]))
         return
     try:
         import diffusers
