@@ -65,7 +65,7 @@ separate folder (so that it cannot replace your torch):
     PYTHONPATH=/tmp/dsite python benchmarks/vs_diffusers.py ...
 For the GPU machine (no network), from the project root here:
     ../shared/tools/gpu-wheels.sh diffusers==0.42.1 "huggingface_hub<2"
-then a device call with carry [".whl"] and the command `bash benchmarks/run_vs_diffusers.sh`."""
+then two device calls with carry [".whl"]: `PHASE=1 bash benchmarks/run_vs_diffusers.sh`, then `PHASE=2 ...`."""
 
 # name: (in_channels, image size, batch); --smoke shrinks them
 SHAPES = {"latent": (4, 16, 256), "pixel": (3, 64, 32)}
