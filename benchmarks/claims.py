@@ -22,8 +22,8 @@
 
 Each part writes claims_<part>.json (merged with an earlier invocation's spaces or factors, so the parts can run in
 separate commands) and claims_<part>.png, and prints a table. Every run trains from scratch (its diffusion
-checkpoints in --out are deleted first). The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 1
-min). GPU time on one H200 (estimated from the recipes' measured speeds, not yet run): (a) 2 x 240 s of training
+checkpoints in --out are deleted first). The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80
+s). GPU time on one H200 (estimated from the recipes' measured speeds, not yet run): (a) 2 x 240 s of training
 plus 10 evaluations, about 9 min with the autoencoder and judge present; (b) 4 x 30 s of autoencoders, 4 x 80 s of
 diffusion, 12 evaluations: about 8 min. Keep each command under the device's 10 minutes by splitting as shown.
 """

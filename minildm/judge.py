@@ -207,7 +207,7 @@ def load_judge(path: str | Path, device="cpu", image_size: int | None = None) ->
 
 def judge_for(image_size: int, runtime: Runtime, folder: str | Path, progress: bool = True) -> ShapesJudge:
     """The judge for `image_size` px kept in `folder` (judge_<size>.pt): loaded when there, trained when
-    missing (about a minute on a GPU; fast mode trains a small one in well under a minute on a CPU)."""
+    missing (3,000 steps, 80 s on an H200; fast mode trains a small one in well under a minute on a CPU)."""
     from minildm.config import judge_recipe  # the presets import this module's config
 
     cfg, train_cfg = judge_recipe(image_size, fast=runtime.fast)
