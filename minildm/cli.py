@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -395,6 +396,12 @@ def format_evaluation(result: dict) -> str:
                      f"  {100 * r['size']:4.1f} | {100 * r['object']:6.1f}%  {100 * r['caption']:7.1f}% | "
                      f"{r['extra_per_image']:9.2f} | {r['fd']:5.2f}  {r['fd_ratio']:8.2f} | "
                      f"{r['kid']:.4f} +- {r['kid_std']:.4f}")
+    r = next(iter(t2i["by_guidance"].values()))
+    se = 100 * math.sqrt(r["object"] * (1 - r["object"]) / max(r["objects"], 1))
+    lines += [f"  {r['objects']} objects per scale: an objects figure has a sampling error of about +- {se:.1f} points "
+              "(binomial s.e.);",
+              "  judges of one recipe differ by up to ~1.5 points on the same images (README): compare runs with one "
+              "--judge file"]
     return "\n".join(lines)
 
 

@@ -252,3 +252,20 @@ def test_denoiser_cross_attention_ignores_padding(trained):
             assert not torch.allclose(denoiser(x, t, ids), denoiser(x, t, short), atol=1e-5)
         finally:
             denoiser.text_cfg.mask_padding = True
+
+
+def test_evaluation_table_gives_the_binomial_standard_error_of_the_objects_figure():
+    """sqrt(p (1 - p) / n) in points: p = 0.9 of n = 100 objects is +- 3.0; p = 0.99 of 997 about +- 0.3."""
+    from minildm.cli import format_evaluation
+
+    def result(p, n):
+        row = {"place": 1.0, "shape": p, "colour": 1.0, "size": 1.0, "object": p, "caption": p, "extra_per_image": 0.0,
+               "objects": n, "fd": 1.0, "fd_ratio": 1.0, "kid": 0.0, "kid_std": 0.0}
+        first = {"object": 1.0}
+        return {"first_stage": {"n": 8, "psnr": 30.0, "judge_on_reconstructions": first, "judge_on_real": first},
+                "text_to_image": {"n": 8, "sampler": "ddpm", "steps": 10, "fd_real_floor": 1.0,
+                                  "by_guidance": {"3.0": row}}}
+
+    assert "100 objects per scale: an objects figure has a sampling error of about +- 3.0 points" in \
+        format_evaluation(result(0.9, 100))
+    assert "about +- 0.3 points" in format_evaluation(result(0.99, 997))
