@@ -221,9 +221,10 @@ DATA_PRESETS = {
     # 2x2 adds kernels but sees nothing new, so the UNet has two levels (8x8 and 4x4, attention at both): fewer
     # kernels per step, and a step of the recipe is launch-bound on a big GPU (README "Training speed"), so fewer
     # kernels should buy more steps in the same seconds. For the same reason a batch of 512 at 8x8 (the work of 128
-    # at 16x16) should cost little more per step than 256 and halves the gradient noise. Guidance 2: digits need less push than Shapes captions, and stronger guidance narrows the
-    # samples (a higher FD). The choices are reasoned from the Shapes measurements; only the preset as a whole was
-    # measured on MNIST, not each choice against its alternative.
+    # at 16x16) should cost little more per step than 256 and halves the gradient noise. Guidance 2: digits need
+    # less push than Shapes captions, and stronger guidance narrows the samples (a higher FD). The choices are
+    # reasoned from the Shapes measurements; only the preset as a whole was measured on MNIST, not each choice
+    # against its alternative.
     "mnist": DataPreset("mnist", 32, 1, 4, held_out=2000, hflip=False, autoencoder_seconds=45,
                         diffusion_seconds=180, classifier_seconds=20, autoencoder_batch_size=128,
                         diffusion_batch_size=512, diffusion_lr=3e-4,
@@ -253,12 +254,14 @@ def data_preset(name: str, image_size: int | None = None) -> DataPreset:
 
 
 def judge_recipe(image_size: int = 64, fast: bool | None = None) -> tuple[JudgeConfig, TrainConfig]:
-    """The Shapes judge (stage 7) for `image_size` px. Full: 3,000 steps, about a minute on one GPU (on an H200 it
-    then reads 100% of the objects in 2,048 held-out renders right, also blurred). The judge is the yardstick of
-    every caption accuracy, so it trains a number of steps, not seconds: a judge cut short by a slow or busy machine
-    (1,650 and 1,950 of its steps in 60 s in sessions 8 and 10) would read generated shapes differently from one run
-    to the next. The time limit only stops a slow machine. Fast: a narrower judge, a few hundred steps on a CPU,
-    that reads places and colours but not yet shapes: fast-mode numbers only show that the code runs."""
+    """The Shapes judge (stage 7) for `image_size` px. Full: 3,000 steps, about 80 s on an H200 (it then reads 100%
+    of the objects in 2,048 held-out renders right, also blurred). The judge is the yardstick of every caption
+    accuracy, so it trains a number of steps, not seconds: a judge cut short by a slow or busy machine (1,650 and
+    1,950 of its steps in 60 s in sessions 8 and 10) would be another yardstick on every machine. The time limit only
+    stops a slow machine. Even judges of the same recipe read borderline generated shapes differently (up to 1.4
+    points of objects apart on the same images, README), so runs are compared with one judge file.
+    Fast: a narrower judge, a few hundred steps on a CPU, that reads places and colours but not yet shapes: fast-mode
+    numbers only show that the code runs."""
     if _fast(fast):
         return (JudgeConfig(image_size=image_size, channels=24, blur_sigma=0.4, noise_std=0.05),
                 TrainConfig(steps=300, batch_size=32, lr=3e-3, ema_decay=None, ckpt_every=100, log_every=25))

@@ -10,6 +10,7 @@ from minildm.device import Runtime
 from minildm.judge import (
     CELLS,
     JudgeConfig,
+    JudgeTask,
     ShapesJudge,
     caption_accuracy,
     cell_labels,
@@ -103,3 +104,14 @@ def test_fast_judge_learns_to_read_place_and_colour(tmp_path):
     r = caption_accuracy(judge.read(real["image"]), real["attributes"])
     assert r["place"] > 0.95 and r["colour"] > 0.9, r
     assert load_judge(tmp_path / "judge.pt").read(real["image"]).equal(judge.read(real["image"]))  # loads back
+
+
+def test_judge_training_draws_depend_on_the_step_only():
+    """The blur and noise of a judge step come from a generator seeded by the step: the same step gives the same loss
+    (so a resumed run trains on what the interrupted one would have), another step other draws."""
+    torch.manual_seed(0)
+    task = JudgeTask(JudgeConfig(image_size=32, channels=8, blur_sigma=0.8, noise_std=0.1))
+    batch = ShapesDataset(ShapesConfig(image_size=32)).batch(range(4))
+    loss = [task.losses(batch, step)[0]["judge"].item() for step in (5, 5, 6)]
+    assert loss[0] == loss[1]
+    assert loss[0] != loss[2]
