@@ -91,7 +91,8 @@ def cmd_train(args) -> int:
     x = held_out["image"]
     with torch.no_grad(), rt.autocast():
         recon = autoencoder(x, sample=False).recon.float()
-    title = f"held-out images (top) and reconstructions (bottom), PSNR {scores.mean():.1f} dB"
+    title = (f"held-out images (top) and reconstructions (bottom), PSNR {scores.mean():.1f} dB "
+             f"({rt.device_name()})")
     if rt.fast:
         title += "\n(fast mode: a tiny autoencoder trained for a few dozen steps)"
     grid = save_grid(out / "reconstructions.png", torch.cat([x, recon]), nrow=8, title=title)
@@ -111,14 +112,16 @@ def cmd_train(args) -> int:
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder)
     distributed.cleanup()  # training is over: rank 0 samples and evaluates alone, the other ranks have exited
     captions = held_out["caption"]
+    guidance = 3.0 if args.guidance is None else args.guidance  # the evaluation's scale below
     samples = generate(denoiser, captions, schedule, shape, rt, prediction=ldm.diffusion.prediction,
-                       autoencoder=autoencoder, progress=True)
-    title = "latent diffusion samples for held-out captions"
+                       guidance_scale=guidance, autoencoder=autoencoder, progress=True)
+    title = (f"latent diffusion samples for held-out captions (DDPM {schedule.T:,} steps, guidance {guidance:g}; "
+             f"{rt.device_name()})")
     if rt.fast:
         title += "\n(fast mode: a tiny model trained for a few dozen steps; unset MINILDM_FAST on a GPU for real samples)"
     grid = save_grid(out / "samples.png", samples, nrow=4, captions=captions, title=title)
     print(f"wrote {grid}; {time.perf_counter() - start:.0f} s of training and sampling")
-    result = evaluate_run(out, rt, n=args.eval_n, guidance_scales=(3.0 if args.guidance is None else args.guidance,))
+    result = evaluate_run(out, rt, n=args.eval_n, guidance_scales=(guidance,))
     print(format_evaluation(result))
     print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
     return 0
@@ -247,7 +250,8 @@ def cmd_train_data(args) -> int:
         return 0
     x = held.batch(range(min(8, len(held))), rt.device)["image"]
     recon = reconstruct(autoencoder, x, rt)
-    title = f"held-out images (top) and reconstructions (bottom), PSNR {psnr(x, recon).mean():.1f} dB"
+    title = (f"held-out images (top) and reconstructions (bottom), PSNR {psnr(x, recon).mean():.1f} dB "
+             f"({rt.device_name()})")
     if main:
         print(f"wrote {save_grid(out / 'reconstructions.png', torch.cat([x, recon]), nrow=len(x), title=title)}")
     if args.stage == "autoencoder":
@@ -271,8 +275,9 @@ def cmd_train_data(args) -> int:
     samples = generate(denoiser, names, schedule, shape, rt, prediction=ldm.diffusion.prediction,
                        guidance_scale=guidance if condition == "class" else 1.0, autoencoder=autoencoder,
                        progress=True, sampler="dpmpp_2m", steps=20)
-    title = f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {guidance:g}"
-                                                                      if condition == "class" else "")
+    title = (f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {guidance:g}"
+                                                                       if condition == "class" else "")
+             + f" ({rt.device_name()})")
     if rt.fast:
         title += "\n(fast mode: tiny models trained for a few steps)"
     path = save_grid(out / "samples.png", samples, nrow=per_class if condition == "class" else 8,
@@ -398,10 +403,10 @@ def format_evaluation(result: dict) -> str:
                      f"{r['kid']:.4f} +- {r['kid_std']:.4f}")
     r = next(iter(t2i["by_guidance"].values()))
     se = 100 * math.sqrt(r["object"] * (1 - r["object"]) / max(r["objects"], 1))
-    lines += [f"  {r['objects']} objects per scale: an objects figure has a sampling error of about +- {se:.1f} points "
-              "(binomial s.e.);",
-              "  judges of one recipe differ by up to ~1.5 points on the same images (README): compare runs with one "
-              "--judge file"]
+    lines.append(f"  {r['objects']} objects per scale: an objects figure has a sampling error of about "
+                 f"+- {se:.1f} points (binomial s.e.);")
+    lines.append("  judges of one recipe differ by up to ~1.5 points on the same images (README): compare runs "
+                 "with one --judge file")
     return "\n".join(lines)
 
 

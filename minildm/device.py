@@ -70,6 +70,10 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=cache_enabled)
 
+    def device_name(self) -> str:
+        """The device in a few words, for figure titles: "NVIDIA H200", "cpu", "mps"."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+
     def describe(self) -> str:
         mode = "fast (tiny configs, CPU-friendly)" if self.fast else "full"
         if self.device.type == "cuda":
