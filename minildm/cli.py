@@ -190,7 +190,7 @@ def cmd_train_data(args) -> int:
     from minildm.device import setup
     from minildm.metrics import psnr
     from minildm.pipeline import generate, reconstruct, train_autoencoder, train_diffusion
-    from minildm.viz import save_grid
+    from minildm.viz import save_figure, save_grid, show_class_rows
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)  # under torchrun: joins the group
     main = distributed.is_main()  # every rank trains; rank 0 alone writes, draws and evaluates
@@ -275,19 +275,29 @@ def cmd_train_data(args) -> int:
     samples = generate(denoiser, names, schedule, shape, rt, prediction=ldm.diffusion.prediction,
                        guidance_scale=guidance if condition == "class" else 1.0, autoencoder=autoencoder,
                        progress=True, sampler="dpmpp_2m", steps=20)
-    title = (f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {guidance:g}"
-                                                                       if condition == "class" else "")
-             + f" ({rt.device_name()})")
-    if rt.fast:
-        title += "\n(fast mode: tiny models trained for a few steps)"
-    path = save_grid(out / "samples.png", samples, nrow=per_class if condition == "class" else 8,
-                     captions=names if condition == "class" else None, title=title)
-    print(f"wrote {path}")
+    classifier = None
     if data.labels is not None:
         cfg, train_cfg = preset.classifier_recipe(len(data.classes), fast=rt.fast)
         print(f"[3/3] the course's classifier for {args.dataset} (class accuracy, FD/KID features): "
               f"checkpoint {out / 'classifier.pt'}")
-        train_classifier(cfg, train_cfg, feeder(train_cfg.batch_size), rt, out / "classifier.pt", data.classes)
+        classifier = train_classifier(cfg, train_cfg, feeder(train_cfg.batch_size), rt, out / "classifier.pt",
+                                      data.classes)
+    title = (f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {guidance:g}"
+                                                                       if condition == "class" else "")
+             + f" ({rt.device_name()})")
+    if condition == "class":  # a row per class; a red frame where the course's classifier reads another class
+        read = classifier.predict(samples).cpu() if classifier is not None else None
+        if read is not None:
+            wrong = int((read != torch.arange(len(names)) // per_class).sum())
+            title += f": {wrong} of {len(names)} read as another class (red)"
+        if rt.fast:
+            title += "\n(fast mode: tiny models trained for a few steps)"
+        path = save_figure(show_class_rows(samples, data.classes[:10], per_class, title, read), out / "samples.png")
+    else:
+        if rt.fast:
+            title += "\n(fast mode: tiny models trained for a few steps)"
+        path = save_grid(out / "samples.png", samples, nrow=8, title=title)
+    print(f"wrote {path}")
     result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(guidance,),
                           sampler="dpmpp_2m", steps=20)
     print(format_evaluation(result))

@@ -47,9 +47,35 @@ def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, cap
 def save_grid(path: str | Path, images: torch.Tensor, nrow: int = 8, title: str | None = None,
               captions: list[str] | None = None) -> Path:
     """Write a grid of images (optionally captioned) to a PNG file."""
+    return save_figure(show_grid(images, nrow=nrow, title=title, captions=captions), path)
+
+
+def show_class_rows(images: torch.Tensor, classes: list[str], per_class: int, title: str | None = None,
+                    read: torch.Tensor | None = None):
+    """One row of `per_class` images per class, the class name at the left (images ordered class by class).
+    With `read` ((B,) labels, e.g. a classifier's), a sample read as another class gets a red frame and the name
+    (up to " - ") of the class it was read as."""
+    fig, ax = plt.subplots(figsize=(0.9 * per_class + 1.5, 0.9 * len(classes)))
+    ax.imshow(to_numpy_image(images, nrow=per_class))
+    size = images.shape[-1] + 2  # make_grid's padding is 2 px
+    ax.set_yticks([size * (r + 0.5) for r in range(len(classes))], classes)
+    ax.set_xticks([])
+    if read is not None:
+        for i, label in enumerate(read.tolist()):
+            row, col = divmod(i, per_class)
+            if label != row:
+                ax.add_patch(plt.Rectangle((col * size + 1, row * size + 1), size - 2, size - 2, fill=False,
+                                           edgecolor="red", linewidth=2))
+                ax.text(col * size + 3, row * size + 8, classes[label].split(" - ")[0], color="red", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure to a PNG file (folders made as needed) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = show_grid(images, nrow=nrow, title=title, captions=captions)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -8,7 +8,7 @@ import nbformat
 import torch
 from nbclient import NotebookClient
 
-from minildm.viz import to_numpy_image
+from minildm.viz import show_class_rows, to_numpy_image
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +19,17 @@ def test_grid_layout_and_range():
     grid = to_numpy_image(images, nrow=3, padding=2)
     assert grid.shape == (2 * (4 + 2) + 2, 3 * (4 + 2) + 2, 3)  # 2 rows of 3 cells, padding around each
     assert grid.min() == 0.0 and grid.max() == 1.0
+
+
+def test_class_rows_label_each_row_and_frame_only_the_misread_samples():
+    images = torch.zeros(4, 1, 8, 8)  # 2 classes x 2 samples, ordered class by class
+    read = torch.tensor([0, 1, 1, 1])  # the second sample of class 0 was read as class 1
+    fig = show_class_rows(images, ["0 - zero", "1 - one"], 2, "t", read=read)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0 - zero", "1 - one"]
+    assert len(ax.patches) == 1 and [t.get_text() for t in ax.texts] == ["1"]
+    (frame,) = ax.patches
+    assert frame.get_xy() == (1 * 10 + 1, 0 * 10 + 1)  # column 1, row 0; cells are 8 + 2 px of padding
 
 
 def _pngs(cell):
