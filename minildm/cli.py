@@ -452,9 +452,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    import torch
+
+    from minildm.classifier import load_classifier
     from minildm.device import setup
     from minildm.pipeline import generate
-    from minildm.viz import save_grid
+    from minildm.viz import save_figure, save_grid, show_class_rows
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(Path(args.run), rt.device)
@@ -473,7 +476,17 @@ def cmd_sample(args) -> int:
     images = generate(denoiser, captions, schedule, autoencoder.cfg.latent_shape, rt,
                       prediction=diffusion_cfg.prediction, guidance_scale=guidance, autoencoder=autoencoder,
                       seed=args.seed, progress=True, sampler=args.sampler, steps=args.steps)
-    path = save_grid(args.out, images, nrow=args.n, captions=captions if any(captions) else None)
+    if diffusion_cfg.condition == "class":  # a row per asked class; the run's classifier marks misreads in red
+        rows = [denoiser.label(name) for name in args.caption]
+        classifier_path = Path(args.run) / "classifier.pt"
+        read = load_classifier(classifier_path, rt.device).predict(images).cpu() if classifier_path.exists() else None
+        title = f"{args.sampler}, {args.steps or schedule.T} steps, guidance {guidance:g} ({rt.device_name()})"
+        if read is not None:
+            wrong = int((read != torch.tensor(rows).repeat_interleave(args.n)).sum())
+            title += f": {wrong} of {len(images)} read as another class by the run's classifier (red)"
+        path = save_figure(show_class_rows(images, denoiser.classes, args.n, title, read, rows), args.out)
+    else:
+        path = save_grid(args.out, images, nrow=args.n, captions=captions if any(captions) else None)
     print(f"wrote {path}")
     return 0
 

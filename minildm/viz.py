@@ -51,19 +51,21 @@ def save_grid(path: str | Path, images: torch.Tensor, nrow: int = 8, title: str 
 
 
 def show_class_rows(images: torch.Tensor, classes: list[str], per_class: int, title: str | None = None,
-                    read: torch.Tensor | None = None):
-    """One row of `per_class` images per class, the class name at the left (images ordered class by class).
-    With `read` ((B,) labels, e.g. a classifier's), a sample read as another class gets a red frame and the name
-    (up to " - ") of the class it was read as."""
-    fig, ax = plt.subplots(figsize=(0.9 * per_class + 1.5, 0.9 * len(classes)))
+                    read: torch.Tensor | None = None, rows: list[int] | None = None):
+    """`per_class` images per row, one row per class, the class name at the left; `rows` gives the class of each
+    row (default: every class in order) and images are ordered row by row. With `read` ((B,) labels, e.g. a
+    classifier's), a sample read as another class than its row's gets a red frame and the name (up to " - ") of
+    the class it was read as."""
+    rows = list(range(len(classes))) if rows is None else list(rows)
+    fig, ax = plt.subplots(figsize=(0.9 * per_class + 1.5, 0.9 * len(rows)))
     ax.imshow(to_numpy_image(images, nrow=per_class))
     size = images.shape[-1] + 2  # make_grid's padding is 2 px
-    ax.set_yticks([size * (r + 0.5) for r in range(len(classes))], classes)
+    ax.set_yticks([size * (r + 0.5) for r in range(len(rows))], [classes[c] for c in rows])
     ax.set_xticks([])
     if read is not None:
         for i, label in enumerate(read.tolist()):
             row, col = divmod(i, per_class)
-            if label != row:
+            if label != rows[row]:
                 ax.add_patch(plt.Rectangle((col * size + 1, row * size + 1), size - 2, size - 2, fill=False,
                                            edgecolor="red", linewidth=2))
                 ax.text(col * size + 3, row * size + 8, classes[label].split(" - ")[0], color="red", fontsize=8)

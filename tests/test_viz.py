@@ -30,6 +30,11 @@ def test_class_rows_label_each_row_and_frame_only_the_misread_samples():
     assert len(ax.patches) == 1 and [t.get_text() for t in ax.texts] == ["1"]
     (frame,) = ax.patches
     assert frame.get_xy() == (1 * 10 + 1, 0 * 10 + 1)  # column 1, row 0; cells are 8 + 2 px of padding
+    # rows of chosen classes (minildm sample 7 3): a sample is right when it is read as its row's class
+    fig = show_class_rows(images, [f"{d}" for d in range(10)], 2, read=torch.tensor([7, 7, 7, 3]), rows=[7, 3])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["7", "3"]
+    assert [t.get_text() for t in ax.texts] == ["7"] and ax.patches[0].get_xy() == (0 * 10 + 1, 1 * 10 + 1)
 
 
 def _pngs(cell):
