@@ -452,9 +452,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    import json
+
     import torch
 
     from minildm.classifier import load_classifier
+    from minildm.config import data_preset
     from minildm.device import setup
     from minildm.pipeline import generate
     from minildm.viz import save_figure, save_grid, show_class_rows
@@ -462,6 +465,9 @@ def cmd_sample(args) -> int:
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(Path(args.run), rt.device)
     guidance = args.guidance
+    if guidance is None:  # the scale the run was evaluated at: its data set's preset, or 3 on Shapes
+        manifest = Path(args.run) / MANIFEST
+        guidance = data_preset(json.loads(manifest.read_text())["dataset"]).guidance if manifest.exists() else 3.0
     if diffusion_cfg.condition == "none":
         if args.caption:
             raise ValueError(f"the run in '{args.run}' is unconditional: it takes no class names or captions, got "
@@ -604,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a run on a real data set, e.g. cat dog, or 3 7 for MNIST); none for an unconditional run")
     p.add_argument("--run", default="runs/default", help="folder written by `minildm train` (default: %(default)s)")
     p.add_argument("-n", type=int, default=4, help="samples per caption")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1 = none; default: the data set's preset for a run of "
+                   "`minildm train --dataset`, else 3)")
     p.add_argument("--out", default="runs/samples.png")
     _add_sampler(p)
     p.set_defaults(func=cmd_sample)

@@ -222,6 +222,19 @@ def test_sample_takes_class_names_and_refuses_unknown_ones(mnist_run, capsys):
 
 
 @needs_data
+def test_sample_defaults_to_the_guidance_of_the_runs_preset(mnist_run, monkeypatch):
+    import minildm.pipeline
+
+    scales, generate = [], minildm.pipeline.generate
+    monkeypatch.setattr(minildm.pipeline, "generate",
+                        lambda *a, **k: scales.append(k["guidance_scale"]) or generate(*a, **k))
+    for extra in ([], ["--guidance", "4"]):
+        assert main(["sample", "3", "--run", str(mnist_run), "-n", "1", "--out", str(mnist_run / "g.png"), "--fast",
+                     "--sampler", "ddim", "--steps", "2", *extra]) == 0
+    assert scales == [DATA_PRESETS["mnist"].guidance, 4.0]
+
+
+@needs_data
 def test_a_run_on_other_data_in_the_same_folder_is_refused(mnist_run, tmp_path, capsys):
     write_images(tmp_path / "a", [(f"{i}.png", "RGB", (20, 20)) for i in range(12)])
     rc = main(["train", "--dataset", "imagefolder", "--root", str(tmp_path), "--out", str(mnist_run), "--fast",
