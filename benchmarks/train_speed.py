@@ -6,7 +6,9 @@ Measures, side by side in one process on one GPU, images per second of one train
 optimiser, EMA) of the full-mode recipes:
 
 - diffusion (text encoder + UNet on 4x16x16 latents, batch 256) and the autoencoder (64 px, batch 64);
-- as shipped (data drawn and encoded every step) and on one fixed batch (the model alone);
+- as shipped (data drawn and encoded every step) and on one fixed batch (the model alone); the data alone, one
+  batch per call as shipped and eight per call (diffusion: if eight per call are much faster per image, the data
+  path is paced by launching kernels, and drawing several steps' batches at once would pay);
 - the model alone in NCHW and in channels-last memory format, eager and under `torch.compile` (the Trainer's
   `TrainConfig.compile`): mode "default" (fused Triton kernels) and "reduce-overhead" (the same, replayed as CUDA
   graphs), with the first step's seconds (the compilation) in `first_step_s`;
@@ -146,6 +148,11 @@ def bench_variant(rt, args, record, model, make, batch_fn, name, channels_last, 
         if name == "eager":
             record(model, "data alone (draw + encode)",
                    time_steps(lambda: batches(next(counter)), bs, args.seconds / 2), 0.0, batch_size=bs)
+            if model == "diffusion":  # the same work 8 batches per call: is the data path launch-bound?
+                big = diffusion_batch_fn(recipe.data, 8 * bs, rt, ae)
+                record(model, "data alone, 8 batches per call (draw + encode)",
+                       time_steps(lambda: big(next(counter)), 8 * bs, args.seconds / 2, warmup=2), 0.0,
+                       batch_size=8 * bs)
             print(profile_table(step, args.out / f"profile_{model}.txt")[:6000], flush=True)
     return flops
 
