@@ -282,20 +282,17 @@ def cmd_train_data(args) -> int:
               f"checkpoint {out / 'classifier.pt'}")
         classifier = train_classifier(cfg, train_cfg, feeder(train_cfg.batch_size), rt, out / "classifier.pt",
                                       data.classes)
-    title = (f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps" + (f", guidance {guidance:g}"
-                                                                       if condition == "class" else "")
-             + f" ({rt.device_name()})")
-    if condition == "class":  # a row per class; a red frame where the course's classifier reads another class
-        read = classifier.predict(samples).cpu() if classifier is not None else None
-        if read is not None:
-            wrong = int((read != torch.arange(len(names)) // per_class).sum())
-            title += f": {wrong} of {len(names)} read as another class (red)"
-        if rt.fast:
-            title += "\n(fast mode: tiny models trained for a few steps)"
+    title = f"{args.dataset}: samples, DPM-Solver++(2M) 20 steps"
+    title += f", guidance {guidance:g} ({rt.device_name()})" if condition == "class" else f" ({rt.device_name()})"
+    read = classifier.predict(samples).cpu() if condition == "class" and classifier is not None else None
+    if read is not None:  # a red frame where the course's classifier reads another class than the row's
+        wrong = int((read != torch.arange(len(names)) // per_class).sum())
+        title += f": {wrong} of {len(names)} read as another class (red)"
+    if rt.fast:
+        title += "\n(fast mode: tiny models trained for a few steps)"
+    if condition == "class":  # a row per class
         path = save_figure(show_class_rows(samples, data.classes[:10], per_class, title, read), out / "samples.png")
     else:
-        if rt.fast:
-            title += "\n(fast mode: tiny models trained for a few steps)"
         path = save_grid(out / "samples.png", samples, nrow=8, title=title)
     print(f"wrote {path}")
     result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(guidance,),

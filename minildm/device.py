@@ -77,9 +77,8 @@ class Runtime:
     def describe(self) -> str:
         mode = "fast (tiny configs, CPU-friendly)" if self.fast else "full"
         if self.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.device)
             mem = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-            where = f"cuda ({name}, {mem:.0f} GiB)"
+            where = f"cuda ({self.device_name()}, {mem:.0f} GiB)"
         elif self.device.type == "cpu":
             threads = torch.get_num_threads()
             where = f"cpu ({threads} thread{'s' if threads > 1 else ''})"
