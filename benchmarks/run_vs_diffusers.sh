@@ -23,7 +23,7 @@ if [ -z "${SMOKE:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
   export PYTHONPATH=$site:$PWD
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$log"
-  args=(--seconds 2); limit_eager=80; limit_latent=330; total=540
+  args=(--seconds 2); limit_eager=100; limit_latent=330; total=540
 else
   export PYTHONPATH=${PYTHONPATH:-}:$PWD
   args=(--smoke); limit_eager=600; limit_latent=900; total=1800
@@ -47,10 +47,10 @@ if [ "${PHASE:-all}" = infer ]; then  # PHASE=infer: the compiled inference rows
   exit 0
 fi
 if [ "${PHASE:-1}" = 1 ]; then
-  bench $limit_eager --modes eager --shapes latent
+  bench $limit_eager --modes eager --shapes latent --rounds 3  # eager is CPU-bound: three runs show its spread
   bench $limit_latent --modes compiled --shapes latent
   left=$(( total - SECONDS ))
-  if [ $left -gt 40 ]; then bench $left --modes eager --shapes pixel; fi
+  if [ $left -gt 40 ]; then bench $left --modes eager --shapes pixel --rounds 3; fi
 elif [ "$PHASE" = 2 ]; then
   bench $(( total - 110 )) --modes compiled-graphs --shapes latent  # leaves the sampler its 90 s
   if [ -z "${SMOKE:-}" ]; then  # the sampler: eager, its CUDA graph, compiled then graphed (TRAIN_SPEED=1: the Trainer's step)

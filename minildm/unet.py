@@ -428,6 +428,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
+        self._checked_gpu_t = False  # whether a GPU t has had its values checked once (check_inputs)
         base, time_dim, last = cfg.base_channels, 4 * cfg.base_channels, len(cfg.channel_mult) - 1
         self.time_embed = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim),
                                         nn.SiLU())
@@ -503,11 +504,17 @@ class UNet(nn.Module):
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape (B,) = ({b},), got shape {tuple(t.shape)}")
-        # The range check reads t on the host; it is skipped where that would stall the GPU (`may_read_values`).
+        # The range check reads t on the host. A CPU t costs nothing to read and is checked on every call. Reading a
+        # GPU t makes the CPU wait until the GPU has run everything queued, and then the GPU idles while the CPU
+        # queues the next kernels (device.py): so a GPU t is checked on this model's first call only, where a wrong
+        # t is most likely (code being written), and never under torch.compile, while a CUDA graph records or inside
+        # `no_value_checks()` (`may_read_values`).
         T = cfg.num_timesteps
-        if T is not None and may_read_values(t) and ((t < 0) | (t > T - 1)).any():
-            raise ValueError(f"t must lie in [0, {T - 1}] (num_timesteps={T}), "
-                             f"got values in [{t.min().item()}, {t.max().item()}]")
+        if T is not None and may_read_values(t) and not (t.is_cuda and self._checked_gpu_t):
+            if ((t < 0) | (t > T - 1)).any():
+                raise ValueError(f"t must lie in [0, {T - 1}] (num_timesteps={T}), "
+                                 f"got values in [{t.min().item()}, {t.max().item()}]")
+            self._checked_gpu_t = self._checked_gpu_t or t.is_cuda
         self._check_context(b, context)
         if context_mask is not None and (context is None or context_mask.dtype != torch.bool
                                          or context_mask.shape != context.shape[:2]):

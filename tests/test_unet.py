@@ -264,6 +264,33 @@ def test_bad_inputs_raise_clear_errors(which, x, t, context, match):
         UNet(cfg)(x, t, context)
 
 
+def test_cpu_timesteps_are_checked_on_every_call():
+    """Reading a CPU t costs no wait, so a bad one is caught however many good calls came before."""
+    unet = UNet(tiny())
+    unet(X, torch.tensor([0, 999]))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]"):
+        unet(X, torch.tensor([0, 1000]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_timesteps_are_checked_on_the_first_call_then_never_make_the_host_wait():
+    """A GPU t is range-checked until one call has passed the check (a bad first t is still a clear error); after
+    that an eager forward runs without a host-device synchronisation, as a new user times it (no
+    `no_value_checks` needed)."""
+    unet = UNet(tiny()).cuda()
+    x = X.cuda()
+    bad, good = torch.tensor([0, 1000], device="cuda"), torch.tensor([0, 999], device="cuda")
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]"):
+        unet(x, bad)
+    unet(x, good)  # the check passes: later calls skip it
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        unet(x, good)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"attention_levels": (2,)}, r"attention_levels \(2,\) names levels that do not exist"),
     ({"image_size": 6, "channel_mult": (1, 2, 2)}, r"image_size 6 is not divisible by 4"),
