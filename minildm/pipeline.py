@@ -423,26 +423,35 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
 
 
 @torch.no_grad()
+def real_and_reference(count: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint random halves of `count` held-out images, n indices each (seeded): the "real" images and the
+    FD reference. At random, not the first n and the next n: held-out images listed class by class (as an image
+    folder lists them) would otherwise put half of the classes in each, and every FD would measure that."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[:n], order[n:2 * n]
+
+
 def evaluate_classes(denoiser: ClassDenoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, runtime: Runtime,
                      classifier: Classifier | None, held_out: ImageTensors, n: int = 1000,
                      guidance_scales: tuple[float, ...] = (3.0,), prediction: str = "eps", batch_size: int = 256,
                      seed: int = 0, sampler: str = "ddpm", steps: int | None = None) -> dict:
-    """Stage 7 on a real data set. The held-out images are cut in two: n "real" ones, whose labels the samples are
-    drawn for (one sample each), and n others, the reference. Reports reconstruction PSNR of the real ones, and with
+    """Stage 7 on a real data set. The held-out images are cut in two at random (`real_and_reference`): n "real"
+    ones, whose labels the samples are drawn for (one sample each), and n others, the reference. Reports reconstruction PSNR of the real ones, and with
     a classifier (labelled data): its accuracy on real images and on reconstructions, and per guidance scale the
     class accuracy of the samples (class-conditional runs), FD and KID on the classifier's features to the reference,
     next to the real-data floor (FD of the real images to the reference)."""
     n = min(n, len(held_out) // 2)
     if n < 2:
         raise ValueError(f"{len(held_out)} held-out images are too few to evaluate: FD needs 2 + 2 (hold out more)")
-    real = held_out.batch(range(n), runtime.device)
+    real_index, reference_index = real_and_reference(len(held_out), n)
+    real = held_out.batch(real_index, runtime.device)
     recon = reconstruct(autoencoder, real["image"], runtime)
     result = {"n": n, "psnr": psnr(real["image"], recon).mean().item(), "sampler": sampler,
               "steps": steps or (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T)), "by_guidance": {}}
     if classifier is None:
         return result  # no labels, no classifier: no feature network for FD yet
     labels = real.get("label")
-    reference = classifier.all_features(held_out.batch(range(n, 2 * n), runtime.device)["image"])
+    reference = classifier.all_features(held_out.batch(reference_index, runtime.device)["image"])
     result["fd_real_floor"] = frechet_distance(classifier.all_features(real["image"]), reference)
     if labels is not None:
         result["accuracy_real"] = accuracy(classifier, real["image"], labels)

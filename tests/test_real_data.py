@@ -120,6 +120,24 @@ def test_split_is_seeded_and_disjoint():
         toy(20).split(20)
 
 
+def test_held_out_images_of_a_class_sorted_data_set_come_mixed():
+    """An image folder lists its classes one after another. The held-out images come in random order, and the
+    evaluation's two halves (real images, FD reference) are drawn at random: each sees every class, in about
+    equal shares, not one half of the classes each (which made session 12's first CIFAR-10 FD floor meaningless)."""
+    from minildm.pipeline import real_and_reference
+
+    labels = torch.arange(10).repeat_interleave(100)  # 0 x 100, 1 x 100, ...: sorted by class
+    data = ImageTensors(torch.zeros(1000, 1, 4, 4, dtype=torch.uint8), labels, [str(c) for c in range(10)])
+    _, held = data.split(400, seed=0)
+    assert set(held.labels[:40].tolist()) == set(range(10))
+    real, reference = real_and_reference(len(held), 200)
+    assert not set(real.tolist()) & set(reference.tolist())
+    for half in (real, reference):
+        counts = torch.bincount(held.labels[half], minlength=10)
+        assert counts.min() >= 8 and counts.max() <= 35  # 20 expected each; in file order: 0 or 100
+    assert torch.equal(real_and_reference(len(held), 200)[0], real)  # seeded
+
+
 def test_epochs_show_every_image_once_and_resume_sees_the_same_batches():
     data = toy(10)
     batch_at = tensor_batch_at(data, 5, "cpu", seed=1)

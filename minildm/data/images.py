@@ -61,12 +61,14 @@ class ImageTensors:
         return ImageTensors(self.images[index], labels, self.classes, self.skipped)
 
     def split(self, held_out: int, seed: int = 0) -> tuple[ImageTensors, ImageTensors]:
-        """(train, held_out): a seeded random choice of `held_out` images set aside, the rest to train on."""
+        """(train, held_out): a seeded random choice of `held_out` images set aside, the rest to train on. The
+        held-out images come in that random order, so that any first k of them are a random sample of the whole
+        (an image folder lists its classes one after another: in file order the first k would be one class)."""
         if not 0 < held_out < len(self):
             raise ValueError(f"cannot hold out {held_out} of {len(self)} images; hold out at least 1 and leave "
                              "some to train on (add images, or lower the preset's held_out)")
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self.subset(order[held_out:].sort().values), self.subset(order[:held_out].sort().values)
+        return self.subset(order[held_out:].sort().values), self.subset(order[:held_out])
 
     def batch(self, index, device="cpu") -> dict:
         """{"image": float (B, C, S, S) in [-1, 1] on device, "label": (B,) int64 (when labelled)}."""
