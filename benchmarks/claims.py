@@ -101,7 +101,7 @@ def merged(path: Path, key: str, new: dict, info: dict) -> dict:
 
 
 def common_info(rt, args) -> dict:
-    return {"device": rt.describe(), "n": args.n, "guidance": GUIDANCE, "sampler": f"dpmpp_2m, {args.steps} steps",
+    return {"device": rt.describe(), "gpu": rt.device_name(), "n": args.n, "guidance": GUIDANCE, "sampler": f"dpmpp_2m, {args.steps} steps",
             "feature_network": "the Shapes judge (not Inception)", "curve_s": sorted(args.curve)}
 
 
@@ -222,6 +222,7 @@ def table_f_study(result: dict) -> str:
 def plot(result: dict, key: str, path: Path, title: str) -> Path:
     """Caption accuracy and FD / floor against seconds of training, one line per space or factor."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -237,10 +238,12 @@ def plot(result: dict, key: str, path: Path, title: str) -> Path:
     a1.set_ylabel("captions right (%)")
     a2.set_ylabel("FD / real-data floor")
     a2.set_yscale("log")
+    for ticks in (a2.yaxis.set_major_formatter, a2.yaxis.set_minor_formatter):  # 1.5, not 1.5 x 10^0
+        ticks(matplotlib.ticker.FormatStrFormatter("%g"))
     for ax in (a1, a2):
         ax.set_xlabel("seconds of training")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{title}\nn = {result['n']} held-out captions, guidance {result['guidance']:g}, {result['sampler']}; "
+    fig.suptitle(f"{title}, {result.get('gpu', 'device not recorded')}\nn = {result['n']} held-out captions, guidance {result['guidance']:g}, {result['sampler']}; "
                  f"read by and FD on {result['feature_network']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
