@@ -220,34 +220,13 @@ def table_f_study(result: dict) -> str:
 
 
 def plot(result: dict, key: str, path: Path, title: str) -> Path:
-    """Caption accuracy and FD / floor against seconds of training, one line per space or factor."""
+    """Caption accuracy and FD / floor against seconds of training, one line per space or factor, as a PNG."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from minildm.viz import quality_over_time, save_figure
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, run in result[key].items():
-        label = f"f={name}" if key == "factors" else name
-        seconds = [p["seconds"] for p in run["curve"]]
-        a1.plot(seconds, [100 * p["caption"] for p in run["curve"]], "o-", label=label)
-        a2.plot(seconds, [p["fd_ratio"] for p in run["curve"]], "o-", label=label)
-    if "target_caption" in result:
-        a1.axhline(100 * result["target_caption"], color="gray", ls="--", lw=1, label="pixel model's final")
-    a1.set_ylabel("captions right (%)")
-    a2.set_ylabel("FD / real-data floor")
-    a2.set_yscale("log")
-    for ticks in (a2.yaxis.set_major_formatter, a2.yaxis.set_minor_formatter):  # 1.5, not 1.5 x 10^0
-        ticks(matplotlib.ticker.FormatStrFormatter("%g"))
-    for ax in (a1, a2):
-        ax.set_xlabel("seconds of training")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{title}, {result.get('gpu', 'device not recorded')}\nn = {result['n']} held-out captions, guidance {result['guidance']:g}, {result['sampler']}; "
-                 f"read by and FD on {result['feature_network']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(quality_over_time(result, key, title), path)
     print(f"wrote {path}")
     return path
 

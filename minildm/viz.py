@@ -83,6 +83,34 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
+def quality_over_time(result: dict, key: str, title: str):
+    """The figure of a `benchmarks/claims.py` result: caption accuracy and FD / floor against seconds of training,
+    one line per entry of result[key] ("spaces": pixel and latent; "factors": f = 1, 2, 4, 8). Returns the figure."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, run in result[key].items():
+        label = f"f={name}" if key == "factors" else name
+        seconds = [p["seconds"] for p in run["curve"]]
+        a1.plot(seconds, [100 * p["caption"] for p in run["curve"]], "o-", label=label)
+        a2.plot(seconds, [p["fd_ratio"] for p in run["curve"]], "o-", label=label)
+    if "target_caption" in result:
+        a1.axhline(100 * result["target_caption"], color="gray", ls="--", lw=1, label="pixel model's final")
+    a1.set_ylabel("captions right (%)")
+    a2.set_ylabel("FD / real-data floor")
+    a2.set_yscale("log")
+    for ticks in (a2.yaxis.set_major_formatter, a2.yaxis.set_minor_formatter):  # 1.5, not 1.5 x 10^0
+        ticks(FormatStrFormatter("%g"))
+    for ax in (a1, a2):
+        ax.set_xlabel("seconds of training")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}, {result.get('gpu', 'device not recorded')}\nn = {result['n']} held-out captions, guidance "
+                 f"{result['guidance']:g}, {result['sampler']}; read by and FD on {result['feature_network']}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_history(history: list[dict], keys: list[str], ax=None, logy: bool = True, label_prefix: str = ""):
     """Curves of logged values against the step."""
     if ax is None:
