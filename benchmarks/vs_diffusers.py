@@ -305,7 +305,7 @@ def tables(records: list[dict]) -> str:
         m = models.get((shape, model), {})
         train, infer = runs.get((shape, model, mode, "train"), []), runs.get((shape, model, mode, "infer"), [])
 
-        def both(rs):
+        def each(rs):
             return " / ".join(fmt(r["images_per_s"]) for r in rs) or "-"
 
         compile_s = (f"{fmt(compiles.get((shape, model, mode, 'train')), '.0f')} / "
@@ -313,10 +313,10 @@ def tables(records: list[dict]) -> str:
         lines.append(
             f"| {shape} {'x'.join(map(str, m.get('input', [])))}, {m.get('batch', '?')} "
             f"| {model} ({fmt(m.get('params', 0) / 1e6, '.1f')} M, {fmt(m.get('gflop_per_image_train'), '.2f')}) "
-            f"| {mode} | {both(train)} | {fmt(mean(train, 'tflops'), '.1f')} "
+            f"| {mode} | {each(train)} | {fmt(mean(train, 'tflops'), '.1f')} "
             f"| {fmt(mean(train, 'fraction_of_peak'), '.1%')} / "
             f"{fmt(mean(train, 'fraction_of_measured_peak'), '.1%')} "
-            f"| {both(infer)} | {fmt(mean(infer, 'fraction_of_peak'), '.1%')} | {compile_s} |")
+            f"| {each(infer)} | {fmt(mean(infer, 'fraction_of_peak'), '.1%')} | {compile_s} |")
     lines += ["", "minildm / diffusers, mean images/s of the runs (above 1: minildm faster):", "",
               "| shape | mode | training | inference |", "| --- | --- | --- | --- |"]
     for shape, mode in dict.fromkeys((k[0], k[2]) for k in rows):
