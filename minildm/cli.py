@@ -160,14 +160,18 @@ MANIFEST = "data.json"  # what a run on a real data set was trained on (`minildm
 
 def load_training_images(preset, root: Path, fast: bool, seed: int):
     """(images, split name) of a real data set for training: the training split, or (MNIST-like data sets whose
-    training split is absent, e.g. ../shared/data) the test split, said so. Fast mode decodes a few hundred."""
+    training split is absent, e.g. ../shared/data) the test split, said so; "folder" for images read from class
+    folders (an image folder, or CIFAR-10 as JPEGs such as ../shared/data/cifar10-test: whichever split they are).
+    Fast mode decodes a few hundred."""
     from minildm.data.datasets import DatasetNotFoundError
     from minildm.data.images import load_images
 
     limit = preset.fast_images if fast else None
     how = {"image_size": preset.image_size, "channels": preset.channels, "limit": limit, "seed": seed}
     if preset.name not in ("mnist", "fashion-mnist"):
-        return load_images(preset.name, root, **how), "train"
+        folder = preset.name == "imagefolder" or (preset.name == "cifar10"
+                                                  and not (root / "cifar-10-batches-py").is_dir())
+        return load_images(preset.name, root, **how), "folder" if folder else "train"
     try:
         return load_images(preset.name, root, train=True, **how), "train"
     except DatasetNotFoundError:
@@ -231,7 +235,8 @@ def cmd_train_data(args) -> int:
         old.write_text(json.dumps(manifest, indent=1))
         save_held_out(out / "held_out.pt", held)
     skipped = f" ({len(data.skipped)} unreadable files skipped)" if data.skipped else ""
-    print(f"{len(data)} images of {args.dataset} ({split} split){skipped}: {len(train)} to train on, {len(held)} held "
+    where = f"the images under {root}" if split == "folder" else f"{split} split"
+    print(f"{len(data)} images of {args.dataset} ({where}){skipped}: {len(train)} to train on, {len(held)} held "
           f"out; condition: {condition}" + (f" ({len(data.classes)} classes)" if condition == "class" else ""))
 
     def feeder(batch_size: int):

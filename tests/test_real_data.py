@@ -265,7 +265,8 @@ def test_train_on_cifar10_jpegs_then_evaluate(tmp_path_factory, capsys):
     run = train_run(tmp_path_factory, "cifar10", DATA / "cifar10-test")
     manifest = json.loads((run / "data.json").read_text())
     assert manifest["channels"] == 3 and manifest["f"] == 2 and "airplane" in manifest["classes"]
-    capsys.readouterr()
+    assert manifest["split"] == "folder"  # JPEGs in class folders: whichever split they came from, not "train"
+    assert f"(the images under {(DATA / 'cifar10-test').resolve()})" in capsys.readouterr().out
     assert main(["evaluate", str(run), "-n", "8", "--guidance", "1", "2", "--sampler", "ddim", "--steps", "3",
                  "--fast"]) == 0
     table = capsys.readouterr().out
