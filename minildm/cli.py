@@ -130,7 +130,7 @@ def cmd_train(args) -> int:
 def compile_mode(args, rt) -> str | None:
     """`--compile` as a TrainConfig.compile mode. "auto": the UNet's own kernels recorded and replayed as CUDA graphs
     (torch.compile's "cudagraphs" backend) on a GPU in full mode, nothing on a CPU or in fast mode (a few dozen steps
-    do not repay compiling). Measured on an H200 (README "Measured", sessions 8 and 9), a latent step as shipped (new
+    do not repay compiling). Measured on an H200 (docs/measured.md, sessions 8 and 9), a latent step as shipped (new
     data every step): eager 204 ms; "cudagraphs" 93 ms after 28 s of compiling; "reduce-overhead" (Inductor's fused
     kernels as CUDA graphs) 79 ms after 111-133 s of compiling with a cold compiler cache, 8 s with a warm one. For
     the recipe's 2,200 steps on a first run that is about 233 s against 285 s: "cudagraphs" is the default because
