@@ -136,7 +136,8 @@ def seed_everything(seed: int) -> None:
 # needs a CUDA tensor's value on the host (`.item()`, `if tensor.any():`, `int(t.min())`, `torch.nonzero`, a
 # copy from ordinary host memory) makes the CPU wait until the GPU has drained its queue; the GPU then idles
 # while the CPU queues the next kernels. A dozen such waits per step cost the full-mode UNet two thirds of its
-# speed on an H200 (benchmarks/train_speed.py).
+# speed on an H200 (benchmarks/train_speed.py). Outside the Trainer, the UNet reads a GPU t's values on its
+# first call only (`UNet.check_inputs`), so a loop of one's own pays one wait, not one per step.
 
 _value_checks = True
 
