@@ -276,7 +276,8 @@ def cmd_train_data(args) -> int:
         return 0
     # DPM-Solver++(2M) in 20 steps for the samples and the evaluation: 50x fewer model calls than DDPM
     per_class = (2 if rt.fast else 4) if condition == "class" else 16
-    names = [c for c in (data.classes or [""])[:10] for _ in range(per_class)]
+    rows = range(min(10, len(data.classes))) if condition == "class" else range(1)  # at most ten classes drawn
+    names = [data.classes[row] if condition == "class" else "" for row in rows for _ in range(per_class)]
     samples = generate(denoiser, names, schedule, shape, rt, prediction=ldm.diffusion.prediction,
                        guidance_scale=guidance if condition == "class" else 1.0, autoencoder=autoencoder,
                        progress=True, sampler="dpmpp_2m", steps=20)
@@ -291,12 +292,13 @@ def cmd_train_data(args) -> int:
     title += f", guidance {guidance:g} ({rt.device_name()})" if condition == "class" else f" ({rt.device_name()})"
     read = classifier.predict(samples).cpu() if condition == "class" and classifier is not None else None
     if read is not None:  # a red frame where the course's classifier reads another class than the row's
-        wrong = int((read != torch.arange(len(names)) // per_class).sum())
+        wrong = int((read != torch.tensor(list(rows)).repeat_interleave(per_class)).sum())
         title += f": {wrong} of {len(names)} read as another class (red)"
     if rt.fast:
         title += "\n(fast mode: tiny models trained for a few steps)"
     if condition == "class":  # a row per class
-        path = save_figure(show_class_rows(samples, data.classes[:10], per_class, title, read), out / "samples.png")
+        path = save_figure(show_class_rows(samples, data.classes, per_class, title, read, rows=rows),
+                           out / "samples.png")
     else:
         path = save_grid(out / "samples.png", samples, nrow=8, title=title)
     print(f"wrote {path}")

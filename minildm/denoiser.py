@@ -104,9 +104,11 @@ class ClassDenoiser(nn.Module):
         self.classes = list(classes)
         self.class_embedder = ClassEmbedder(len(self.classes), unet_cfg.context_dim)
         self.unet = UNet(unet_cfg)
-        self.names = {}  # what `tokenize` accepts: each name, its number, and "seven" for MNIST's "7 - seven"
+        # What `tokenize` accepts: each name, then (where no class is called that) its number and the parts of
+        # MNIST's "7 - seven". Names first, so that a class folder called "2" is that class, not label 2.
+        self.names = {name.strip().lower(): label for label, name in enumerate(self.classes)}
         for label, name in enumerate(self.classes):
-            for alias in (name, str(label), *name.split(" - ")):
+            for alias in (str(label), *name.split(" - ")):
                 self.names.setdefault(alias.strip().lower(), label)
 
     def label(self, name: str) -> int:

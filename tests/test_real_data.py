@@ -305,3 +305,27 @@ def test_a_corrupt_file_is_counted_by_minildm_train_and_sample_refuses_an_unknow
     assert main(["sample", "dog", "--run", str(out), "--fast"]) == 2
     err = capsys.readouterr().err
     assert "unknown class 'dog'" in err and "cats, dogs, owls" in err
+
+
+def test_twelve_numbered_class_folders_train_and_draw_ten_rows_then_train_unconditionally(tmp_path):
+    # Folders "0".."11" sort as 0, 1, 10, 11, 2, ...: each folder name must stay its own class (not label 2 for
+    # "2"), the sample grid shows ten of the twelve classes without failing on a read of class 10 or 11, and the
+    # same labelled folder trains unconditionally with --condition none (no class names given to that model).
+    for c in range(12):
+        write_images(tmp_path / "pics" / str(c), [(f"{i}.png", "RGB", (16, 16)) for i in range(3)])
+    for condition in ("class", "none"):
+        out = tmp_path / condition
+        assert main(["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(out),
+                     "--fast", "--image-size", "16", "--steps", "2", "--eval-n", "4", "--condition", condition]) == 0
+        assert (out / "samples.png").exists() and (out / "evaluation.json").exists()
+        assert json.loads((out / "data.json").read_text())["condition"] == condition
+
+
+def test_class_names_that_are_numbers_stay_their_own_class():
+    unet = UNetConfig(in_channels=4, image_size=8, base_channels=16, channel_mult=(1,), num_res_blocks=1,
+                      attention_levels=(0,), heads=2, context_dim=16)
+    classes = sorted(str(c) for c in range(12))  # ['0', '1', '10', '11', '2', ..., '9']: a folder listing
+    model = ClassDenoiser(unet, classes)
+    assert model.tokenize(classes).tolist() == list(range(12))
+    mnist = ClassDenoiser(unet, ["0 - zero", "1 - one"])
+    assert mnist.tokenize(["1", "one", "0 - zero"]).tolist() == [1, 1, 0]  # numbers and parts where no name clashes
