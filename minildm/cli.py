@@ -65,6 +65,8 @@ def cmd_train(args) -> int:
 
     if args.eval_n is None:
         args.eval_n = 32 if rt.fast else 512
+    if args.f is None:
+        args.f = 4
     # Stage 2: the autoencoder.
     recipe = autoencoder_recipe(regularizer=args.regularizer, f=args.f, fast=rt.fast)
     if args.steps is not None:
@@ -200,7 +202,7 @@ def cmd_train_data(args) -> int:
     main = distributed.is_main()  # every rank trains; rank 0 alone writes, draws and evaluates
     start = time.perf_counter()
     preset = data_preset(args.dataset, image_size=args.image_size)
-    if args.f != 4:
+    if args.f is not None:  # the preset's f unless asked for another (CIFAR-10's is 2, so --f 4 means 4)
         preset = dataclasses.replace(preset, f=args.f)
     print(preset.describe(rt.fast))
     guidance = preset.guidance if args.guidance is None else args.guidance
@@ -561,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", default="runs/default", help="folder for the checkpoint and pictures (default: %(default)s)")
     p.add_argument("--regularizer", choices=["kl", "vq"], default="kl", help="KL (default) or VQ autoencoder")
-    p.add_argument("--f", type=int, choices=[1, 2, 4, 8], default=4, help="downsampling factor (default: 4)")
+    p.add_argument("--f", type=int, choices=[1, 2, 4, 8], default=None,
+                   help="the autoencoder's downsampling factor (default: 4 on Shapes, the preset's with --dataset)")
     p.add_argument("--steps", type=int, default=None, help="autoencoder training steps (default: the preset's)")
     p.add_argument("--stage", choices=["autoencoder", "all"], default="all",
                    help="stop after the autoencoder, or train everything (default)")

@@ -329,3 +329,14 @@ def test_class_names_that_are_numbers_stay_their_own_class():
     assert model.tokenize(classes).tolist() == list(range(12))
     mnist = ClassDenoiser(unet, ["0 - zero", "1 - one"])
     assert mnist.tokenize(["1", "one", "0 - zero"]).tolist() == [1, 1, 0]  # numbers and parts where no name clashes
+
+
+def test_f_4_is_honoured_where_the_preset_says_otherwise(tmp_path, capsys):
+    # CIFAR-10's preset trains f=2; `--f 4` (once the argument's default, so it was silently ignored) means f=4.
+    for label in ("cats", "dogs"):
+        write_images(tmp_path / "pics" / label, [(f"{i}.png", "RGB", (32, 32)) for i in range(12)])
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--root", str(tmp_path / "pics"), "--out", str(out), "--fast",
+                 "--f", "4", "--steps", "2", "--eval-n", "2"]) == 0
+    assert json.loads((out / "data.json").read_text())["f"] == 4 and (out / "autoencoder_kl_f4.pt").exists()
+    assert "f=4" in capsys.readouterr().out
