@@ -215,23 +215,39 @@ def cmd_train_data(args) -> int:
             old.unlink(missing_ok=True)
     distributed.barrier("deleting the old checkpoints (--fresh)")
     data, split = load_training_images(preset, root, rt.fast, args.seed)
+    one_class = data.classes is not None and len(data.classes) == 1
+    if one_class:  # nothing to tell apart: no class conditioning and no classifier (it needs two classes)
+        print(f"{args.dataset} at {root} has one class folder ({data.classes[0]!r}): its images are trained on "
+              "without labels, and evaluated by reconstruction PSNR only")
+        data = dataclasses.replace(data, labels=None, classes=None)
     condition = args.condition or ("class" if data.labels is not None else "none")
     if condition == "class" and data.labels is None:
-        why = ("its folder holds images but no class folders" if args.dataset == "imagefolder"
+        why = ("it has one class folder" if one_class
+               else "its folder holds images but no class folders" if args.dataset == "imagefolder"
                else "it has attributes, not classes" if args.dataset == "celeba" else "it has no labels")
         raise ValueError(f"--condition class needs class labels, but {args.dataset} at {root} has none ({why}); "
                          "train with --condition none, or sort the images into class folders ROOT/<class>/<image>")
     train, held = data.split(preset.held_out_for(len(data), rt.fast), seed=HOLDOUT_SEED)
+    if data.labels is not None and len(held) < 4:  # found now, not after training: FD needs 2 real + 2 reference
+        raise ValueError(f"{len(data)} images of {len(data.classes)} classes are too few: the evaluation on the "
+                         "classifier's features needs 4 held-out images (a fifth of the data), so at least 20 "
+                         "images; add images")
     manifest = {"dataset": args.dataset, "root": str(root), "split": split, "image_size": preset.image_size,
                 "channels": preset.channels, "f": preset.f, "condition": condition, "classes": data.classes,
                 "images": len(data), "held_out": len(held), "skipped": len(data.skipped), "seed": args.seed}
     old = out / MANIFEST
     if old.exists():
         was = json.loads(old.read_text())
-        if any(was.get(k) != manifest[k] for k in ("dataset", "root", "image_size", "channels", "f", "condition")):
+        # The images too: a folder with files added or removed (or, in fast mode, another --seed's subset) would
+        # hold out images that the finished checkpoints trained on.
+        keys = ("dataset", "root", "image_size", "channels", "f", "condition", "images", "held_out",
+                *(("seed",) if rt.fast else ()))
+        differ = [k for k in keys if was.get(k) != manifest[k]]
+        if differ:
             raise ValueError(f"'{out}' holds a run on {was.get('dataset')} at {was.get('root')} "
-                             f"({was.get('image_size')} px, condition {was.get('condition')}), not this one; use "
-                             "another --out, or --fresh to start over there")
+                             f"({was.get('image_size')} px, condition {was.get('condition')}, {was.get('images')} "
+                             f"images), not this one (differs in: {', '.join(differ)}); use another --out, or "
+                             "--fresh to start over there")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         old.write_text(json.dumps(manifest, indent=1))

@@ -340,3 +340,42 @@ def test_f_4_is_honoured_where_the_preset_says_otherwise(tmp_path, capsys):
                  "--f", "4", "--steps", "2", "--eval-n", "2"]) == 0
     assert json.loads((out / "data.json").read_text())["f"] == 4 and (out / "autoencoder_kl_f4.pt").exists()
     assert "f=4" in capsys.readouterr().out
+
+
+def test_a_folder_that_changed_since_its_run_is_refused(tmp_path, capsys):
+    # Files added to a folder (or another --seed's subset in fast mode) would hold out images that the finished
+    # checkpoints trained on: resuming into that run is refused, with what differs.
+    for label in ("cats", "dogs"):
+        write_images(tmp_path / "pics" / label, [(f"{i}.png", "RGB", (16, 16)) for i in range(10)])
+    run = ["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(tmp_path / "run"),
+           "--fast", "--image-size", "16", "--steps", "2", "--eval-n", "2"]
+    assert main(run) == 0
+    assert main([*run, "--seed", "1"]) == 2
+    assert "differs in: seed" in capsys.readouterr().err
+    write_images(tmp_path / "pics" / "cats", [(f"new{i}.png", "RGB", (16, 16)) for i in range(3)])
+    assert main(run) == 2
+    assert "differs in: images" in capsys.readouterr().err
+    assert main([*run, "--fresh"]) == 0
+
+
+def test_one_class_folder_trains_unconditionally_and_says_so(tmp_path, capsys):
+    # ~/pictures/cats/*.png: one class, nothing for a class embedding or a classifier to tell apart (a classifier
+    # of one class used to fail after the whole pipeline had trained).
+    write_images(tmp_path / "pics" / "cats", [(f"{i}.png", "RGB", (16, 16)) for i in range(12)])
+    run = ["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(tmp_path / "run"),
+           "--fast", "--image-size", "16", "--steps", "2", "--eval-n", "2"]
+    assert main(run) == 0
+    assert "has one class folder ('cats')" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert manifest["condition"] == "none" and manifest["classes"] is None
+    assert main([*run, "--condition", "class", "--fresh"]) == 2
+    assert "it has one class folder" in capsys.readouterr().err
+
+
+def test_a_labelled_folder_too_small_to_evaluate_is_refused_before_training(tmp_path, capsys):
+    for label in ("cats", "dogs"):
+        write_images(tmp_path / "pics" / label, [(f"{i}.png", "RGB", (16, 16)) for i in range(6)])
+    assert main(["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(tmp_path / "run"),
+                 "--fast", "--image-size", "16", "--steps", "2"]) == 2
+    assert "12 images of 2 classes are too few" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("*.pt"))  # nothing trained
