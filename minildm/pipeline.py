@@ -410,7 +410,7 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
         scores = caption_accuracy(judge.read(images), real["attributes"])
         features = judge.features(images)
         fd = frechet_distance(features, reference)
-        kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=min(n, 256))
+        kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=kid_subset_size(n))
         scores.update(guidance=scale, fd=fd, fd_ratio=fd / max(floor, 1e-12), kid=kid_mean, kid_std=kid_std,
                       sample_seconds=seconds, seconds_per_sample=seconds / n, model_calls=nfe)
         if keep_images:
@@ -423,6 +423,12 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
 
 
 @torch.no_grad()
+def kid_subset_size(n: int) -> int:
+    """KID's subset size for n samples: at most 256 (as its paper's code), and at most half of n, so that the 50
+    subsets differ and their spread (the +- of the tables) means something; with subsets of all n it is 0."""
+    return max(2, min(n // 2, 256))
+
+
 def real_and_reference(count: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two disjoint random halves of `count` held-out images, n indices each (seeded): the "real" images and the
     FD reference. At random, not the first n and the next n: held-out images listed class by class (as an image
@@ -466,7 +472,7 @@ def evaluate_classes(denoiser: ClassDenoiser, schedule: NoiseSchedule, autoencod
             for i in range(0, n, batch_size)])
         features = classifier.all_features(images)
         fd = frechet_distance(features, reference)
-        kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=min(n, 256))
+        kid_mean, kid_std = kid(features, reference, subsets=50, subset_size=kid_subset_size(n))
         scores = {"guidance": scale, "fd": fd, "fd_ratio": fd / max(result["fd_real_floor"], 1e-12),
                   "kid": kid_mean, "kid_std": kid_std}
         if conditional:

@@ -172,3 +172,14 @@ def test_kid_is_reproducible_and_leaves_the_global_random_state_alone():
 def test_bad_input_raises_a_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_kid_subsets_of_a_small_evaluation_differ_so_their_spread_is_not_zero():
+    # With subsets of all n samples every round is the same set and the +- came out as 0.0000 for n <= 256.
+    from minildm.pipeline import kid_subset_size
+
+    assert [kid_subset_size(n) for n in (1000, 512, 200, 5, 3)] == [256, 256, 100, 2, 2]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + 0.5
+    mean, spread = kid(a, b, subsets=50, subset_size=kid_subset_size(200))
+    assert mean > 0 and spread > 0

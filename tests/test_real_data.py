@@ -62,6 +62,22 @@ def test_mixed_sizes_and_modes_become_one_tensor(tmp_path):
     assert single.images.shape == (6, 1, 8, 8)
 
 
+def test_sixteen_bit_and_float_grey_are_scaled_not_clipped(tmp_path):
+    # PIL's convert("L") clips a 16-bit grey image at 255 (almost all white); the loader scales it to 8 bits.
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # dark at the left, white at the right
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    Image.fromarray(ramp).save(folder / "ramp16.png")
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(folder / "ramp_float.tif")
+    for channels in (1, 3):
+        images = load_images("imagefolder", tmp_path, image_size=32, channels=channels).images.float()
+        for image in images:  # each file: the mean of a 0..255 ramp, its ends black and white
+            assert abs(image.mean().item() - 127.5) < 3
+            assert image[:, :, 0].max() <= 1 and image[:, :, -1].min() >= 254
+
+
 def test_corrupt_files_are_skipped_with_a_warning_and_counted(tmp_path):
     write_images(tmp_path / "ok", [(f"{i}.png", "RGB", (12, 12)) for i in range(5)])
     good = (tmp_path / "ok" / "0.png").read_bytes()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -94,11 +95,27 @@ def image_transform(image_size: int, channels: int) -> T.Compose:
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     to_channels = T.Grayscale(1) if channels == 1 else T.Lambda(_rgb)
     return T.Compose([
+        T.Lambda(_eight_bit),                  # 16-bit and float grey -> 8 bits, scaled
         to_channels,
         T.Resize(image_size, antialias=True),  # shorter side -> image_size
         T.CenterCrop(image_size),              # -> square
         T.PILToTensor(),                       # (C, H, W) uint8
     ])
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """Grey of more than 8 bits -> 8-bit grey (mode "L"), scaled: PIL's own convert("L") clips at 255, so a 16-bit
+    PNG or TIFF (modes "I;16...", or "I") would come out almost white. Integer grey above 255 is read as 16-bit
+    (0..65535 -> 0..255); float grey ("F") as 0..1 when it stays within it. Other modes pass unchanged."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = values.max() if values.size else 0.0
+    if image.mode == "F":
+        values = values * 255.0 if top <= 1.0 else values
+    elif top > 255:
+        values = values / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def _rgb(image: Image.Image) -> Image.Image:
