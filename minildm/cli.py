@@ -526,7 +526,12 @@ def cmd_data(args) -> int:
     from minildm.viz import save_grid
 
     dataset = load_dataset(args.dataset, root=args.root, image_size=args.image_size)
-    items = [dataset[i] for i in range(min(args.n, len(dataset)))]
+    count = min(args.n, len(dataset))
+    # A seeded random sample of a finite data set: an image folder lists its classes one after another, so its
+    # first n images would all be of one class. Shapes is drawn at random already: its first n.
+    picks = range(count) if args.dataset.lower() == "shapes" else \
+        torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    items = [dataset[i] for i in picks]
     images = torch.stack([it["image"] for it in items])
     if "caption" in items[0]:  # Shapes
         captions = [it["caption"] for it in items]

@@ -395,3 +395,16 @@ def test_a_labelled_folder_too_small_to_evaluate_is_refused_before_training(tmp_
                  "--fast", "--image-size", "16", "--steps", "2"]) == 2
     assert "12 images of 2 classes are too few" in capsys.readouterr().err
     assert not list((tmp_path / "run").glob("*.pt"))  # nothing trained
+
+
+def test_minildm_data_shows_a_random_sample_of_an_image_folder(tmp_path, monkeypatch, capsys):
+    # A folder lists its classes one after another: the first eight images would all be "a".
+    import minildm.viz
+
+    for label in ("a", "b", "c"):
+        write_images(tmp_path / label, [(f"{i}.png", "RGB", (16, 16)) for i in range(8)])
+    shown = {}
+    monkeypatch.setattr(minildm.viz, "save_grid", lambda path, images, nrow, captions: shown.update(c=captions) or path)
+    assert main(["data", "--dataset", "imagefolder", "--root", str(tmp_path), "-n", "8", "--image-size", "16",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert len(shown["c"]) == 8 and len(set(shown["c"])) >= 2
