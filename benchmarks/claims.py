@@ -1,8 +1,9 @@
 """The LDM paper's two central claims, measured small on Shapes (stage 11): by quality, not only by speed.
 
-    python benchmarks/claims.py latent-vs-pixel --out runs/claims     # (a) about 9 min on one H200, see below
-    python benchmarks/claims.py latent-vs-pixel --spaces pixel         #     or one space per invocation (~5 min each)
-    python benchmarks/claims.py f-study --out runs/claims              # (b) about 8 min; --f 1 2 / --f 4 8: ~4 each
+    python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) ~7 min on one H200,
+    python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     then ~7 min (see below)
+    python benchmarks/claims.py f-study --f 1 2 --out runs/claims                   # (b) ~5.5 min,
+    python benchmarks/claims.py f-study --f 4 8 --out runs/claims                   #     then ~5 min
     python benchmarks/claims.py plot --out runs/claims                 # tables and PNGs again from the JSON
     python benchmarks/claims.py latent-vs-pixel --fast                 # tiny configs on a CPU, well under a minute
 
@@ -23,9 +24,15 @@
 Each part writes claims_<part>.json (merged with an earlier invocation's spaces or factors, so the parts can run in
 separate commands) and claims_<part>.png, and prints a table. Every run trains from scratch (its diffusion
 checkpoints in --out are deleted first). The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80
-s). GPU time on one H200 (estimated from the recipes' measured speeds, not yet run): (a) 2 x 240 s of training
-plus 10 evaluations, about 9 min with the autoencoder and judge present; (b) 4 x 30 s of autoencoders, 4 x 80 s of
-diffusion, 12 evaluations: about 8 min. Keep each command under the device's 10 minutes by splitting as shown.
+s). GPU time on one H200 (estimated from the recipes' measured speeds and a code review, not yet run), per
+invocation: `--spaces pixel` about 6.7 min (judge 80 s when missing, 5 budgets up to 240 s, 5 evaluations, a
+checkpoint loaded and saved at each budget); `--spaces latent` about 7 min (the f=4 autoencoder's 120 s when
+missing); `--f 1 2` about 5.5 min, `--f 4 8` about 5 min (30-s autoencoders, budgets up to 80 s). A whole part in one
+command would pass the device's 10 minutes: split as shown, into one --out (each part's JSON is written after every
+space or factor and merged with the earlier ones; parts measured with another n, sampler or guidance are refused).
+Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
+the budget is checked every 10 steps. The pixel model's final accuracy is a target only when at least 10 of the n
+captions (objects) reach it; every model starts from the same seed, run alone or after another part.
 """
 
 from __future__ import annotations
@@ -54,20 +61,23 @@ def first_reach(points: list[dict], target: float, key: str = "caption") -> dict
     seconds when it is the first point)}."""
     for i, p in enumerate(points):
         if p[key] >= target:
-            if i == 0:
-                return {"first_point_s": p["seconds"], "interpolated_s": p["seconds"]}
+            if i == 0:  # reached by the first evaluation already: its seconds are an upper bound
+                return {"first_point_s": p["seconds"], "interpolated_s": p["seconds"], "at_first_point": True}
             q = points[i - 1]
             share = (target - q[key]) / (p[key] - q[key]) if p[key] > q[key] else 1.0
-            return {"first_point_s": p["seconds"],
+            return {"first_point_s": p["seconds"], "at_first_point": False,
                     "interpolated_s": q["seconds"] + share * (p["seconds"] - q["seconds"])}
-    return {"first_point_s": None, "interpolated_s": None}
+    return {"first_point_s": None, "interpolated_s": None, "at_first_point": False}
 
 
 def learning_curve(recipe, rt, ckpt: Path, judge, autoencoder, curve: list[float], n: int, steps: int,
                    label: str) -> list[dict]:
     """Train from scratch to each budget of `curve` in turn (resuming the same checkpoint) and evaluate there."""
     ckpt.unlink(missing_ok=True)
+    torch.manual_seed(0)  # the same initial weights whether this runs alone or after other parts in one process
     recipe.train.steps = 10**6  # seconds end every run, not the recipe's step count
+    recipe.train.log_every = 10  # the budget is checked at log lines: overshoot at most 10 steps (< 2 s)
+    recipe.train.ckpt_every = 10**9  # no 1-GB saves inside the clock: fit() saves at its end, outside it
     shape = (recipe.unet.in_channels, recipe.unet.image_size, recipe.unet.image_size)
     points = []
     for budget in sorted(curve):
@@ -92,17 +102,28 @@ def learning_curve(recipe, rt, ckpt: Path, judge, autoencoder, curve: list[float
 
 
 def merged(path: Path, key: str, new: dict, info: dict) -> dict:
-    """The part's JSON with `new` entries under `key` merged over an earlier invocation's."""
+    """The part's JSON with `new` entries under `key` merged over an earlier invocation's (written after every
+    space or factor, so that a run cut short keeps what it finished). Results measured otherwise (another n,
+    sampler, guidance, or fast mode) are not mixed: that is an error."""
     result = json.loads(path.read_text()) if path.exists() else {}
+    differ = [k for k in SAME_SETTINGS if k in result and result[k] != info[k]]
+    if differ:
+        raise SystemExit(f"{path} holds results measured with other settings ({', '.join(f'{k} {result[k]!r}' for k in differ)}"
+                         f", now {', '.join(repr(info[k]) for k in differ)}); use another --out, or delete that file")
+    info = {**info, "curve_s": sorted(set(result.get("curve_s", [])) | set(info["curve_s"]))}
     result.update(info)
     result.setdefault(key, {}).update(new)
     path.write_text(json.dumps(result, indent=1))
     return result
 
 
+SAME_SETTINGS = ("n", "guidance", "sampler", "feature_network", "fast")  # what every part of one result shares
+
+
 def common_info(rt, args) -> dict:
-    return {"device": rt.describe(), "gpu": rt.device_name(), "n": args.n, "guidance": GUIDANCE, "sampler": f"dpmpp_2m, {args.steps} steps",
-            "feature_network": "the Shapes judge (not Inception)", "curve_s": sorted(args.curve)}
+    return {"device": rt.describe(), "gpu": rt.device_name(), "fast": rt.fast, "n": args.n, "guidance": GUIDANCE,
+            "sampler": f"dpmpp_2m, {args.steps} steps", "feature_network": "the Shapes judge (not Inception)",
+            "curve_s": sorted(args.curve)}
 
 
 # ---------------------------------------------------------------------------------------------- (a)
@@ -111,32 +132,48 @@ def common_info(rt, args) -> dict:
 def cmd_latent_vs_pixel(args, rt) -> dict:
     judge = judge_for(64 if not rt.fast else 32, rt, checkpoint_dir(rt.fast), progress=False)
     autoencoder = None
-    runs = {}
     for space in args.spaces:
         recipe = diffusion_recipe(space, fast=rt.fast)
         if space == "latent":
             ae_path = checkpoint_dir(rt.fast) / "autoencoder_kl_f4.pt"
+            torch.manual_seed(0)
             autoencoder, _ = train_autoencoder(autoencoder_recipe("kl", 4, fast=rt.fast), rt, ae_path, progress=False)
             autoencoder.requires_grad_(False)
             recipe = diffusion_recipe("latent", fast=rt.fast, latent_shape=autoencoder.cfg.latent_shape)
         print(f"{space}: batch {recipe.train.batch_size}, curve {sorted(args.curve)} s", flush=True)
-        runs[space] = {"batch": recipe.train.batch_size,
-                       "curve": learning_curve(recipe, rt, args.out / f"claims_{space}.pt", judge,
-                                               autoencoder if space == "latent" else None, args.curve, args.n,
-                                               args.steps, space)}
-    result = merged(args.out / "claims_latent_vs_pixel.json", "spaces", runs, common_info(rt, args))
+        run = {"batch": recipe.train.batch_size,
+               "curve": learning_curve(recipe, rt, args.out / f"claims_{space}.pt", judge,
+                                       autoencoder if space == "latent" else None, args.curve, args.n, args.steps,
+                                       space)}
+        result = merged(args.out / "claims_latent_vs_pixel.json", "spaces", {space: run}, common_info(rt, args))
     return finish_latent_vs_pixel(result, args.out)
 
 
+MIN_RIGHT = 10  # a target the pixel model meets for fewer of the n captions than this is noise, not a level
+
+
 def finish_latent_vs_pixel(result: dict, out: Path) -> dict:
+    """Targets from the pixel model's last point (captions fully right; objects right, which moves more gradually
+    early on), when each space first reaches them, and latent / pixel time where the target means something."""
     spaces = result["spaces"]
-    if "pixel" in spaces:
-        target = spaces["pixel"]["curve"][-1]["caption"]
-        result["target_caption"] = target
-        result["reach"] = {space: first_reach(run["curve"], target) for space, run in spaces.items()}
-        pixel_s, latent = result["reach"]["pixel"]["interpolated_s"], result["reach"].get("latent", {})
-        if latent.get("interpolated_s") is not None and pixel_s:
-            result["latent_over_pixel_time"] = latent["interpolated_s"] / pixel_s
+    for key in ("target_caption", "reach", "latent_over_pixel_time", "targets"):  # recomputed from the curves
+        result.pop(key, None)
+    if "pixel" not in spaces:
+        print("no pixel curve in this result yet: run `--spaces pixel` into the same --out for targets and ratios")
+    else:
+        final = spaces["pixel"]["curve"][-1]
+        result["targets"] = {}
+        for key in ("caption", "object"):
+            reach = {space: first_reach(run["curve"], final[key], key) for space, run in spaces.items()}
+            entry = {"target": final[key], "usable": final[key] * result["n"] >= MIN_RIGHT, "reach": reach}
+            pixel_s, latent_s = reach["pixel"]["interpolated_s"], reach.get("latent", {}).get("interpolated_s")
+            if entry["usable"] and pixel_s and latent_s is not None:
+                entry["latent_over_pixel_time"] = latent_s / pixel_s
+            result["targets"][key] = entry
+        captions = result["targets"]["caption"]  # the headline figures, under their earlier names
+        result["target_caption"], result["reach"] = captions["target"], captions["reach"]
+        if "latent_over_pixel_time" in captions:
+            result["latent_over_pixel_time"] = captions["latent_over_pixel_time"]
     (out / "claims_latent_vs_pixel.json").write_text(json.dumps(result, indent=1))
     print(table_latent_vs_pixel(result))
     plot(result, "spaces", out / "claims_latent_vs_pixel.png", "latent (f=4) vs pixel diffusion at equal training time")
@@ -153,14 +190,18 @@ def table_latent_vs_pixel(result: dict) -> str:
         for p in run["curve"]:
             lines.append(f"| {space} | {run['batch']} | {p['seconds']:.0f} | {p['steps']} | {p['caption']:.1%} | "
                          f"{p['object']:.1%} | {p['fd_ratio']:.2f} |")
-    if "reach" in result:
-        lines.append(f"pixel model's final caption accuracy: {result['target_caption']:.1%}; first reached at")
-        for space, r in result["reach"].items():
+    for key, entry in result.get("targets", {}).items():
+        lines.append(f"pixel model's final {key} accuracy: {entry['target']:.1%}; first reached at")
+        for space, r in entry["reach"].items():
             when = ("never within the curve" if r["first_point_s"] is None else
+                    f"<= {r['first_point_s']:.0f} s (its first evaluation)" if r.get("at_first_point") else
                     f"the {r['first_point_s']:.0f}-s point (interpolated {r['interpolated_s']:.0f} s)")
             lines.append(f"  {space}: {when}")
-        if "latent_over_pixel_time" in result:
-            lines.append(f"  latent / pixel time to get there: {result['latent_over_pixel_time']:.2f} "
+        if not entry["usable"]:
+            lines.append(f"  no ratio: {entry['target']:.1%} of n = {result['n']} is under {MIN_RIGHT} / n, too few "
+                         "right to be a level")
+        elif "latent_over_pixel_time" in entry:
+            lines.append(f"  latent / pixel time to get there: {entry['latent_over_pixel_time']:.2f} "
                          "(the issue's goal: at most 0.25)")
     return "\n".join(lines)
 
@@ -170,7 +211,6 @@ def table_latent_vs_pixel(result: dict) -> str:
 
 def cmd_f_study(args, rt) -> dict:
     judge = judge_for(64 if not rt.fast else 32, rt, checkpoint_dir(rt.fast), progress=False)
-    runs = {}
     for f in args.f:
         ae_recipe = autoencoder_recipe("kl", f, fast=rt.fast)
         if not rt.fast:
@@ -178,6 +218,7 @@ def cmd_f_study(args, rt) -> dict:
         else:  # a few steps: fast mode only shows that the code runs
             ae_recipe.train.steps = 8
         ae_path = args.out / f"claims_ae_f{f}.pt"
+        torch.manual_seed(0)
         autoencoder, ae_history = train_autoencoder(ae_recipe, rt, ae_path, progress=False)
         autoencoder.requires_grad_(False)
         recipe = diffusion_recipe("latent", fast=rt.fast, latent_shape=autoencoder.cfg.latent_shape)
@@ -186,11 +227,11 @@ def cmd_f_study(args, rt) -> dict:
         shape = autoencoder.cfg.latent_shape
         print(f"f={f}: latents {'x'.join(map(str, shape))}, autoencoder {ae_history[-1]['seconds']:.0f} s, diffusion "
               f"batch {recipe.train.batch_size}, curve {sorted(args.curve)} s", flush=True)
-        runs[str(f)] = {"batch": recipe.train.batch_size, "latent_shape": list(shape),
-                        "autoencoder_seconds": ae_history[-1]["seconds"],
-                        "curve": learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder,
-                                                args.curve, args.n, args.steps, f"f={f}")}
-    result = merged(args.out / "claims_f_study.json", "factors", runs, common_info(rt, args))
+        run = {"batch": recipe.train.batch_size, "latent_shape": list(shape),
+               "autoencoder_seconds": ae_history[-1]["seconds"],
+               "curve": learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder, args.curve,
+                                       args.n, args.steps, f"f={f}")}
+        result = merged(args.out / "claims_f_study.json", "factors", {str(f): run}, common_info(rt, args))
     return finish_f_study(result, args.out)
 
 
@@ -203,7 +244,7 @@ def finish_f_study(result: dict, out: Path) -> dict:
 
 
 def table_f_study(result: dict) -> str:
-    curve = result["curve_s"]
+    curve = sorted({p["budget_s"] for run in result["factors"].values() for p in run["curve"]})
     lines = [f"{result['device']}",
              (f"caption accuracy (judge) / FD / floor (FD on {result['feature_network']}) after each training "
               f"budget; n = {result['n']}, guidance {result['guidance']:g}, {result['sampler']}"),

@@ -16,18 +16,38 @@ spec.loader.exec_module(claims)
 def test_first_reach_interpolates_between_the_points_around_the_target():
     points = [{"seconds": 10, "caption": 0.2}, {"seconds": 20, "caption": 0.4}, {"seconds": 40, "caption": 0.8}]
     # 0.5 lies a quarter of the way from 0.4 (20 s) to 0.8 (40 s): 25 s
-    assert claims.first_reach(points, 0.5) == {"first_point_s": 40, "interpolated_s": pytest.approx(25.0)}
-    assert claims.first_reach(points, 0.4) == {"first_point_s": 20, "interpolated_s": pytest.approx(20.0)}
-    assert claims.first_reach(points, 0.1) == {"first_point_s": 10, "interpolated_s": 10}
-    assert claims.first_reach(points, 0.9) == {"first_point_s": None, "interpolated_s": None}
+    assert claims.first_reach(points, 0.5) == {"first_point_s": 40, "interpolated_s": pytest.approx(25.0),
+                                                "at_first_point": False}
+    assert claims.first_reach(points, 0.4)["interpolated_s"] == pytest.approx(20.0)
+    # reached by the first evaluation: its seconds are only an upper bound, and say so
+    assert claims.first_reach(points, 0.1) == {"first_point_s": 10, "interpolated_s": 10, "at_first_point": True}
+    assert claims.first_reach(points, 0.9)["first_point_s"] is None
 
 
-def test_a_second_invocation_adds_its_entries(tmp_path):
+def test_a_second_invocation_adds_its_entries_and_refuses_other_settings(tmp_path):
     path = tmp_path / "part.json"
-    claims.merged(path, "spaces", {"pixel": {"batch": 32}}, {"n": 8})
-    result = claims.merged(path, "spaces", {"latent": {"batch": 256}}, {"n": 16})
-    assert result == json.loads(path.read_text()) == {"n": 16, "spaces": {"pixel": {"batch": 32},
-                                                                          "latent": {"batch": 256}}}
+    info = {"n": 8, "guidance": 3.0, "sampler": "dpmpp_2m, 20 steps", "feature_network": "judge", "fast": False}
+    claims.merged(path, "spaces", {"pixel": {"batch": 32}}, {**info, "curve_s": [30, 60]})
+    result = claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "curve_s": [15, 60]})
+    assert result == json.loads(path.read_text())
+    assert result["spaces"] == {"pixel": {"batch": 32}, "latent": {"batch": 256}} and result["curve_s"] == [15, 30, 60]
+    with pytest.raises(SystemExit, match="other settings .n 8, now 16"):
+        claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "n": 16, "curve_s": [15]})
+
+
+def test_a_pixel_target_too_low_to_be_a_level_gives_no_ratio_and_a_rerun_drops_a_stale_one(tmp_path):
+    def curve(*pairs):  # (seconds, captions right) -> points with objects right twice as often
+        return {"batch": 1, "curve": [{"seconds": s, "budget_s": s, "steps": 1, "caption": c, "object": min(1, 2 * c),
+                                       "fd_ratio": 1.0} for s, c in pairs]}
+
+    result = {"device": "test", "gpu": "test", "n": 256, "guidance": 3.0, "sampler": "x", "feature_network": "judge",
+              "spaces": {"pixel": curve((60, 0.1), (240, 0.4)), "latent": curve((15, 0.2), (30, 0.5))}}
+    done = claims.finish_latent_vs_pixel(result, tmp_path)
+    assert done["latent_over_pixel_time"] == pytest.approx(25.0 / 240.0)  # 0.4: latent at 25 s (interpolated), pixel 240
+    result["spaces"]["pixel"] = curve((60, 0.0), (240, 0.02))  # 5 of 256 captions: noise, not a level
+    done = claims.finish_latent_vs_pixel(result, tmp_path)
+    assert "latent_over_pixel_time" not in done and not done["targets"]["caption"]["usable"]
+    assert done["targets"]["object"]["usable"]  # 4% of objects: 10 of 256 or more
 
 
 def test_both_parts_run_in_fast_mode(tmp_path, course_home, monkeypatch):
