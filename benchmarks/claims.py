@@ -108,8 +108,10 @@ def merged(path: Path, key: str, new: dict, info: dict) -> dict:
     result = json.loads(path.read_text()) if path.exists() else {}
     differ = [k for k in SAME_SETTINGS if k in result and result[k] != info[k]]
     if differ:
-        raise SystemExit(f"{path} holds results measured with other settings ({', '.join(f'{k} {result[k]!r}' for k in differ)}"
-                         f", now {', '.join(repr(info[k]) for k in differ)}); use another --out, or delete that file")
+        was = ", ".join(f"{k} {result[k]!r}" for k in differ)
+        now = ", ".join(repr(info[k]) for k in differ)
+        raise SystemExit(f"{path} holds results measured with other settings ({was}, now {now}); use another --out, "
+                         "or delete that file")
     info = {**info, "curve_s": sorted(set(result.get("curve_s", [])) | set(info["curve_s"]))}
     result.update(info)
     result.setdefault(key, {}).update(new)

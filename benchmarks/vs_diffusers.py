@@ -4,7 +4,7 @@
     python benchmarks/vs_diffusers.py --smoke                           # a CPU: tiny sizes, two steps per timing
     python benchmarks/vs_diffusers.py --table-from runs/vs_diffusers.jsonl   # the tables again, from the records
 
-The latent-diffusion training step reaches about 3% of an H200's bf16 peak (README, "Training speed"). Is that
+The latent-diffusion training step reaches about 3% of an H200's bf16 peak (docs/measured.md, "Training speed"). Is that
 minildm's code, or does any UNet of this size run like that at 4x16x16? To find out, this script builds the same
 network twice, as `minildm.unet.UNet` and as diffusers' `UNet2DConditionModel` (a widely used implementation), and
 times both side by side in one process on one GPU, on the latents of the recipe (4x16x16, batch 256) and on pixels

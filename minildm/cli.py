@@ -196,7 +196,7 @@ def cmd_train_data(args) -> int:
     from minildm.device import setup
     from minildm.metrics import psnr
     from minildm.pipeline import generate, reconstruct, train_autoencoder, train_diffusion
-    from minildm.viz import save_figure, save_grid, show_class_rows
+    from minildm.viz import misreads, save_figure, save_grid, show_class_rows
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)  # under torchrun: joins the group
     main = distributed.is_main()  # every rank trains; rank 0 alone writes, draws and evaluates
@@ -310,7 +310,7 @@ def cmd_train_data(args) -> int:
     title += f", guidance {guidance:g} ({rt.device_name()})" if condition == "class" else f" ({rt.device_name()})"
     read = classifier.predict(samples).cpu() if condition == "class" and classifier is not None else None
     if read is not None:  # a red frame where the course's classifier reads another class than the row's
-        wrong = int((read != torch.tensor(list(rows)).repeat_interleave(per_class)).sum())
+        wrong = int(misreads(read, rows, per_class).sum())
         title += f": {wrong} of {len(names)} read as another class (red)"
     if rt.fast:
         title += "\n(fast mode: tiny models trained for a few steps)"
@@ -476,13 +476,11 @@ def cmd_evaluate(args) -> int:
 def cmd_sample(args) -> int:
     import json
 
-    import torch
-
     from minildm.classifier import load_classifier
     from minildm.config import data_preset
     from minildm.device import setup
     from minildm.pipeline import generate
-    from minildm.viz import save_figure, save_grid, show_class_rows
+    from minildm.viz import misreads, save_figure, save_grid, show_class_rows
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(Path(args.run), rt.device)
@@ -510,7 +508,7 @@ def cmd_sample(args) -> int:
         read = load_classifier(classifier_path, rt.device).predict(images).cpu() if classifier_path.exists() else None
         title = f"{args.sampler}, {args.steps or schedule.T} steps, guidance {guidance:g} ({rt.device_name()})"
         if read is not None:
-            wrong = int((read != torch.tensor(rows).repeat_interleave(args.n)).sum())
+            wrong = int(misreads(read, rows, args.n).sum())
             title += f": {wrong} of {len(images)} read as another class by the run's classifier (red)"
         path = save_figure(show_class_rows(images, denoiser.classes, args.n, title, read, rows), args.out)
     else:

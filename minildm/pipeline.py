@@ -422,7 +422,6 @@ def evaluate_text_to_image(denoiser: Denoiser, schedule: NoiseSchedule, shape: t
     return result
 
 
-@torch.no_grad()
 def kid_subset_size(n: int) -> int:
     """KID's subset size for n samples: at most 256 (as its paper's code), and at most half of n, so that the 50
     subsets differ and their spread (the +- of the tables) means something; with subsets of all n it is 0."""
@@ -437,15 +436,17 @@ def real_and_reference(count: int, n: int, seed: int = 0) -> tuple[torch.Tensor,
     return order[:n], order[n:2 * n]
 
 
+@torch.no_grad()
 def evaluate_classes(denoiser: ClassDenoiser, schedule: NoiseSchedule, autoencoder: Autoencoder, runtime: Runtime,
                      classifier: Classifier | None, held_out: ImageTensors, n: int = 1000,
                      guidance_scales: tuple[float, ...] = (3.0,), prediction: str = "eps", batch_size: int = 256,
                      seed: int = 0, sampler: str = "ddpm", steps: int | None = None) -> dict:
     """Stage 7 on a real data set. The held-out images are cut in two at random (`real_and_reference`): n "real"
-    ones, whose labels the samples are drawn for (one sample each), and n others, the reference. Reports reconstruction PSNR of the real ones, and with
-    a classifier (labelled data): its accuracy on real images and on reconstructions, and per guidance scale the
-    class accuracy of the samples (class-conditional runs), FD and KID on the classifier's features to the reference,
-    next to the real-data floor (FD of the real images to the reference)."""
+    ones, whose labels the samples are drawn for (one sample each), and n others, the reference. Reports
+    reconstruction PSNR of the real ones, and with a classifier (labelled data): its accuracy on real images and on
+    reconstructions, and per guidance scale the class accuracy of the samples (class-conditional runs), FD and KID
+    on the classifier's features to the reference, next to the real-data floor (FD of the real images to the
+    reference)."""
     n = min(n, len(held_out) // 2 if classifier is not None else len(held_out))  # FD needs a reference half
     if n < (2 if classifier is not None else 1):
         raise ValueError(f"{len(held_out)} held-out images are too few to evaluate: FD needs 2 + 2 (hold out more)")

@@ -514,7 +514,8 @@ class UNet(nn.Module):
             if ((t < 0) | (t > T - 1)).any():
                 raise ValueError(f"t must lie in [0, {T - 1}] (num_timesteps={T}), "
                                  f"got values in [{t.min().item()}, {t.max().item()}]")
-            self._checked_gpu_t = self._checked_gpu_t or t.is_cuda
+            if t.is_cuda:
+                self._checked_gpu_t = True
         self._check_context(b, context)
         if context_mask is not None and (context is None or context_mask.dtype != torch.bool
                                          or context_mask.shape != context.shape[:2]):

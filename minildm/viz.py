@@ -50,6 +50,12 @@ def save_grid(path: str | Path, images: torch.Tensor, nrow: int = 8, title: str 
     return save_figure(show_grid(images, nrow=nrow, title=title, captions=captions), path)
 
 
+def misreads(read: torch.Tensor, rows, per_class: int) -> torch.Tensor:
+    """(B,) bool, True where a reading (e.g. a classifier's labels) is not the class of the sample's row: images
+    ordered row by row, `per_class` per row, row r showing class rows[r]."""
+    return read.cpu() != torch.as_tensor(list(rows)).repeat_interleave(per_class)
+
+
 def show_class_rows(images: torch.Tensor, classes: list[str], per_class: int, title: str | None = None,
                     read: torch.Tensor | None = None, rows: list[int] | None = None):
     """`per_class` images per row, one row per class, the class name at the left; `rows` gives the class of each
@@ -63,12 +69,12 @@ def show_class_rows(images: torch.Tensor, classes: list[str], per_class: int, ti
     ax.set_yticks([size * (r + 0.5) for r in range(len(rows))], [classes[c] for c in rows])
     ax.set_xticks([])
     if read is not None:
-        for i, label in enumerate(read.tolist()):
+        for i in torch.nonzero(misreads(read, rows, per_class)).flatten().tolist():
             row, col = divmod(i, per_class)
-            if label != rows[row]:
-                ax.add_patch(plt.Rectangle((col * size + 1, row * size + 1), size - 2, size - 2, fill=False,
-                                           edgecolor="red", linewidth=2))
-                ax.text(col * size + 3, row * size + 8, classes[label].split(" - ")[0], color="red", fontsize=8)
+            label = int(read[i])
+            ax.add_patch(plt.Rectangle((col * size + 1, row * size + 1), size - 2, size - 2, fill=False,
+                                       edgecolor="red", linewidth=2))
+            ax.text(col * size + 3, row * size + 8, classes[label].split(" - ")[0], color="red", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
     return fig

@@ -121,7 +121,7 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 def _rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: grey through T.Grayscale(3) (three equal channels), palette and RGBA through PIL
     (a transparent pixel keeps the colour stored under it)."""
-    if image.mode in ("L", "LA", "1", "I", "F"):
+    if image.mode in ("L", "LA", "1"):  # ("I" and "F" grey arrive as "L" from _eight_bit)
         return T.Grayscale(3)(image.convert("L"))
     return image.convert("RGB")
 
