@@ -29,7 +29,7 @@ invocation: `--spaces pixel` about 6.7 min (judge 80 s when missing, 5 budgets u
 checkpoint loaded and saved at each budget); `--spaces latent` about 7 min (the f=4 autoencoder's 120 s when
 missing); `--f 1 2` about 5.5 min, `--f 4 8` about 5 min (30-s autoencoders, budgets up to 80 s). A whole part in one
 command would pass the device's 10 minutes: split as shown, into one --out (each part's JSON is written after every
-space or factor and merged with the earlier ones; parts measured with another n, sampler or guidance are refused).
+space or factor and merged with the earlier ones; parts measured with another n, sampler, guidance or GPU model are refused).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
 the budget is checked every 10 steps. The pixel model's final accuracy is a target only when at least 10 of the n
 captions (objects) reach it; every model starts from the same seed, run alone or after another part.
@@ -104,7 +104,7 @@ def learning_curve(recipe, rt, ckpt: Path, judge, autoencoder, curve: list[float
 def merged(path: Path, key: str, new: dict, info: dict) -> dict:
     """The part's JSON with `new` entries under `key` merged over an earlier invocation's (written after every
     space or factor, so that a run cut short keeps what it finished). Results measured otherwise (another n,
-    sampler, guidance, or fast mode) are not mixed: that is an error."""
+    sampler, guidance, GPU model, or fast mode) are not mixed: that is an error."""
     result = json.loads(path.read_text()) if path.exists() else {}
     differ = [k for k in SAME_SETTINGS if k in result and result[k] != info[k]]
     if differ:
@@ -119,7 +119,8 @@ def merged(path: Path, key: str, new: dict, info: dict) -> dict:
     return result
 
 
-SAME_SETTINGS = ("n", "guidance", "sampler", "feature_network", "fast")  # what every part of one result shares
+# what every part of one result shares: equal wall time means nothing across GPU models
+SAME_SETTINGS = ("n", "guidance", "sampler", "feature_network", "fast", "gpu")
 
 
 def common_info(rt, args) -> dict:

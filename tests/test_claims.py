@@ -26,13 +26,16 @@ def test_first_reach_interpolates_between_the_points_around_the_target():
 
 def test_a_second_invocation_adds_its_entries_and_refuses_other_settings(tmp_path):
     path = tmp_path / "part.json"
-    info = {"n": 8, "guidance": 3.0, "sampler": "dpmpp_2m, 20 steps", "feature_network": "judge", "fast": False}
+    info = {"n": 8, "guidance": 3.0, "sampler": "dpmpp_2m, 20 steps", "feature_network": "judge", "fast": False,
+            "gpu": "NVIDIA H200"}
     claims.merged(path, "spaces", {"pixel": {"batch": 32}}, {**info, "curve_s": [30, 60]})
     result = claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "curve_s": [15, 60]})
     assert result == json.loads(path.read_text())
     assert result["spaces"] == {"pixel": {"batch": 32}, "latent": {"batch": 256}} and result["curve_s"] == [15, 30, 60]
     with pytest.raises(SystemExit, match="other settings .n 8, now 16"):
         claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "n": 16, "curve_s": [15]})
+    with pytest.raises(SystemExit, match="gpu 'NVIDIA H200', now 'NVIDIA H100'"):  # seconds on another GPU model
+        claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "gpu": "NVIDIA H100", "curve_s": [15]})
 
 
 def test_a_pixel_target_too_low_to_be_a_level_gives_no_ratio_and_a_rerun_drops_a_stale_one(tmp_path):
