@@ -29,7 +29,8 @@ invocation: `--spaces pixel` about 6.7 min (judge 80 s when missing, 5 budgets u
 checkpoint loaded and saved at each budget); `--spaces latent` about 7 min (the f=4 autoencoder's 120 s when
 missing); `--f 1 2` about 5.5 min, `--f 4 8` about 5 min (30-s autoencoders, budgets up to 80 s). A whole part in one
 command would pass the device's 10 minutes: split as shown, into one --out (each part's JSON is written after every
-space or factor and merged with the earlier ones; parts measured with another n, sampler, guidance or GPU model are refused).
+space or factor and merged with the earlier ones; parts measured with another n, sampler, guidance or GPU model are
+refused).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
 the budget is checked every 10 steps. The pixel model's final accuracy is a target only when at least 10 of the n
 captions (objects) reach it; every model starts from the same seed, run alone or after another part.
