@@ -74,10 +74,7 @@ def cmd_train(args) -> int:
     if args.gan:
         recipe.loss = dataclasses.replace(recipe.loss, disc_weight=0.5)
     ckpt = out / f"autoencoder_{args.regularizer}_f{args.f}.pt"
-    others = sorted(p.name for p in out.glob("autoencoder_*.pt") if p.name != ckpt.name)
-    if others:  # its diffusion_latent.pt was trained on that autoencoder's latents and must not be reused
-        raise ValueError(f"'{out}' holds a pipeline built on {others[0]}, not {ckpt.name}; use another --out, "
-                         "or --fresh to start over there")
+    refuse_another_autoencoder(out, ckpt)
     if main:
         print(f"[1/2] autoencoder ({args.regularizer.upper()}, f={args.f}): checkpoint {ckpt} "
               "(an interrupted run resumes from it)")
@@ -129,6 +126,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def refuse_another_autoencoder(out: Path, ckpt: Path) -> None:
+    """A run folder holds one pipeline: its diffusion_latent.pt was trained on the latents of the autoencoder there,
+    so another regularizer or f in the same --out would be trained beside it and mixed with it."""
+    others = sorted(p.name for p in out.glob("autoencoder_*.pt") if p.name != ckpt.name)
+    if others:
+        raise ValueError(f"'{out}' holds a pipeline built on {others[0]}, not {ckpt.name} (another --regularizer "
+                         "or --f); use another --out, or --fresh to start over there")
+
+
 def compile_mode(args, rt) -> str | None:
     """`--compile` as a TrainConfig.compile mode. "auto": the UNet's own kernels recorded and replayed as CUDA graphs
     (torch.compile's "cudagraphs" backend) on a GPU in full mode, nothing on a CPU or in fast mode (a few dozen steps
@@ -160,26 +166,56 @@ def _train_diffusion_rank(args, rt, autoencoder) -> int:
 MANIFEST = "data.json"  # what a run on a real data set was trained on (`minildm train --dataset ...`)
 
 
-def load_training_images(preset, root: Path, fast: bool, seed: int):
+ROOT_LAYOUT = {  # what --root must hold, per data set (torchvision's folder layouts, or class folders)
+    "mnist": "the folder that holds MNIST/raw/ (torchvision's layout; e.g. ../shared/data)",
+    "fashion-mnist": "the folder that holds FashionMNIST/raw/ (torchvision's layout)",
+    "cifar10": ("the folder that holds cifar-10-batches-py/ (torchvision's download), or one folder per class, "
+                "ROOT/<class>/<image> (e.g. ../shared/data/cifar10-test)"),
+    "celeba": "the folder that holds celeba/ (torchvision's layout)",
+    "imagefolder": "a folder of class folders, ROOT/<class>/<image>, or of images, ROOT/<image> (no labels)",
+}
+
+
+def data_root_arg(root: str | None, dataset: str) -> Path:
+    """--root, else $MINILDM_DATA; a clear error where neither names a folder."""
+    if root is None:
+        if not os.environ.get("MINILDM_DATA"):
+            raise ValueError(f"--dataset {dataset} needs --root PATH: {ROOT_LAYOUT[dataset]} (or set MINILDM_DATA)")
+        root = os.environ["MINILDM_DATA"]
+    path = Path(root).expanduser().resolve()
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"--root {path} {what}; for {dataset} it must be {ROOT_LAYOUT[dataset]}")
+    return path
+
+
+def load_training_images(preset, root: Path, fast: bool, seed: int, limit: int | None = None):
     """(images, split name) of a real data set for training: the training split, or (MNIST-like data sets whose
     training split is absent, e.g. ../shared/data) the test split, said so; "folder" for images read from class
     folders (an image folder, or CIFAR-10 as JPEGs such as ../shared/data/cifar10-test: whichever split they are).
-    Fast mode decodes a few hundred."""
+    Fast mode decodes a few hundred; `limit` decodes a seeded random sample of that many."""
     from minildm.data.datasets import DatasetNotFoundError
     from minildm.data.images import load_images
 
-    limit = preset.fast_images if fast else None
+    limit = limit or (preset.fast_images if fast else None)
     how = {"image_size": preset.image_size, "channels": preset.channels, "limit": limit, "seed": seed}
-    if preset.name not in ("mnist", "fashion-mnist"):
-        folder = preset.name == "imagefolder" or (preset.name == "cifar10"
-                                                  and not (root / "cifar-10-batches-py").is_dir())
-        return load_images(preset.name, root, **how), "folder" if folder else "train"
     try:
-        return load_images(preset.name, root, train=True, **how), "train"
-    except DatasetNotFoundError:
-        images = load_images(preset.name, root, train=False, **how)
-        print(f"{preset.name}: no training split under {root}; training on part of the test split, the rest held out")
-        return images, "test"
+        if preset.name not in ("mnist", "fashion-mnist"):
+            folder = preset.name == "imagefolder" or (preset.name == "cifar10"
+                                                      and not (root / "cifar-10-batches-py").is_dir())
+            return load_images(preset.name, root, **how), "folder" if folder else "train"
+        try:
+            return load_images(preset.name, root, train=True, **how), "train"
+        except DatasetNotFoundError:
+            images = load_images(preset.name, root, train=False, **how)
+            print(f"{preset.name}: no training split under {root}; training on part of the test split, the rest "
+                  "held out")
+            return images, "test"
+    except DatasetNotFoundError as e:
+        if preset.name == "imagefolder":  # its message names the layout already
+            raise
+        raise FileNotFoundError(f"no {preset.name} data under --root {root}: it must be {ROOT_LAYOUT[preset.name]}. "
+                                "minildm does not download data sets: copy the files there") from e
 
 
 def cmd_train_data(args) -> int:
@@ -192,7 +228,7 @@ def cmd_train_data(args) -> int:
     from minildm import distributed
     from minildm.classifier import train_classifier
     from minildm.config import HOLDOUT_SEED, data_preset
-    from minildm.data.images import tensor_batch_at
+    from minildm.data.images import has_class_folders, tensor_batch_at
     from minildm.device import setup
     from minildm.metrics import psnr
     from minildm.pipeline import generate, reconstruct, train_autoencoder, train_diffusion
@@ -205,20 +241,28 @@ def cmd_train_data(args) -> int:
     if args.f is not None:  # the preset's f unless asked for another (CIFAR-10's is 2, so --f 4 means 4)
         preset = dataclasses.replace(preset, f=args.f)
     print(preset.describe(rt.fast))
+    if args.steps is not None:
+        print(f"  --steps {args.steps}: the autoencoder trains {args.steps} steps instead of the preset's budget")
+    if rt.device.type == "cpu" and not rt.fast:
+        print("  full mode on a CPU: the budgets above are seconds on one GPU, so this trains far less than the preset "
+              f"means and decodes every image (memory); for a quick run use --fast ({FAST_ENV}=1)")
     guidance = preset.guidance if args.guidance is None else args.guidance
-    if args.root is None:
-        raise ValueError(f"--dataset {args.dataset} needs --root PATH, the folder that holds it")
-    root = Path(args.root).expanduser().resolve()
+    root = data_root_arg(args.root, args.dataset)
     out = Path(args.out)
     if args.fresh and main:
         for old in (*out.glob("*.pt"), out / MANIFEST):
             old.unlink(missing_ok=True)
     distributed.barrier("deleting the old checkpoints (--fresh)")
+    refuse_another_autoencoder(out, out / f"autoencoder_{args.regularizer}_f{preset.f}.pt")
     data, split = load_training_images(preset, root, rt.fast, args.seed)
     one_class = data.classes is not None and len(data.classes) == 1
-    if one_class:  # nothing to tell apart: no class conditioning and no classifier (it needs two classes)
+    if one_class and args.condition != "class":  # nothing to tell apart: no class conditioning, no classifier
         print(f"{args.dataset} at {root} has one class folder ({data.classes[0]!r}): its images are trained on "
               "without labels, and evaluated by reconstruction PSNR only")
+        if has_class_folders(root / data.classes[0]):  # e.g. --root ../shared/data for ../shared/data/cifar10-test
+            print(f"  {root / data.classes[0]} holds class folders itself: for its classes, pass --root "
+                  f"{root / data.classes[0]}")
+    if one_class:
         data = dataclasses.replace(data, labels=None, classes=None)
     condition = args.condition or ("class" if data.labels is not None else "none")
     if condition == "class" and data.labels is None:
@@ -259,14 +303,15 @@ def cmd_train_data(args) -> int:
 
     def feeder(batch_size: int):
         epoch = -(-len(train) // batch_size)
-        print(f"  batch {batch_size}: one epoch = {epoch} steps (shuffled anew each epoch)")
+        print(f"  batch {batch_size}: one epoch = {epoch} step{'s' if epoch > 1 else ''} (shuffled anew each epoch)")
         return tensor_batch_at(train, batch_size, rt.device, seed=args.seed, hflip=preset.hflip)
 
     recipe = preset.autoencoder_recipe(args.regularizer, fast=rt.fast)
     if args.steps is not None:
         recipe.train.steps, recipe.train.max_seconds = args.steps, None
     ckpt = out / f"autoencoder_{args.regularizer}_f{preset.f}.pt"
-    print(f"[1/3] autoencoder ({args.regularizer.upper()}, f={preset.f}): checkpoint {ckpt}")
+    stages = 3 if data.labels is not None else 2  # the classifier needs labels
+    print(f"[1/{stages}] autoencoder ({args.regularizer.upper()}, f={preset.f}): checkpoint {ckpt}")
     autoencoder, _ = train_autoencoder(recipe, rt, ckpt, images_at=feeder(recipe.train.batch_size))
     if not main and args.stage == "autoencoder":
         distributed.cleanup()
@@ -286,7 +331,7 @@ def cmd_train_data(args) -> int:
     ldm = preset.diffusion_recipe(shape, condition, fast=rt.fast)
     ldm.train.compile = compile_mode(args, rt)
     ckpt = out / "diffusion_latent.pt"
-    print(f"[2/3] latent diffusion ({condition}) on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
+    print(f"[2/{stages}] latent diffusion ({condition}) on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder,
                                             images_at=feeder(ldm.train.batch_size), classes=data.classes)
     distributed.cleanup()  # training is over: rank 0 samples, trains the classifier and evaluates alone
@@ -350,6 +395,10 @@ def load_run(folder: Path, device):
     if not ae_ckpts or not (folder / "diffusion_latent.pt").exists():
         raise FileNotFoundError(f"no trained pipeline in '{folder}': expected autoencoder_*.pt and "
                                 f"diffusion_latent.pt there; run `minildm train --out {folder}` first")
+    if len(ae_ckpts) > 1:  # which one the diffusion model was trained on is not recorded: refuse to guess
+        raise ValueError(f"'{folder}' holds {len(ae_ckpts)} autoencoders ({', '.join(p.name for p in ae_ckpts)}) "
+                         "and one diffusion model trained on one of them; train again into a new --out (or "
+                         "--fresh)")
     autoencoder = load_autoencoder(ae_ckpts[0], device=device)
     return (autoencoder, *load_diffusion(folder / "diffusion_latent.pt", device=device))
 
@@ -451,21 +500,37 @@ def format_data_evaluation(result: dict) -> str:
     if "accuracy_real" in d:
         lines.append(f"  classifier accuracy: {100 * d['accuracy_real']:.1f}% on the real held-out images, "
                      f"{100 * d['accuracy_reconstructions']:.1f}% on their reconstructions")
-    lines.append(f"  samples ({result['condition']}, {d['sampler']}, {d['steps']} steps, {d['n']} samples, one per "
-                 f"held-out label); FD and KID on the features of {result['feature_network']}, "
-                 f"real-data floor {d['fd_real_floor']:.2f}:")
+    drawn = "one per held-out label" if result["condition"] == "class" else "unconditional"
+    lines.append(f"  samples ({result['condition']}, {d['sampler']}, {d['steps']} steps, {d['n']} samples, {drawn}); "
+                 f"FD and KID on the features of {result['feature_network']}, real-data floor "
+                 f"{d['fd_real_floor']:.2f}:")
     lines.append("  guidance | class accuracy |     FD  FD/floor | KID")
     for scale, r in d["by_guidance"].items():
         acc = f"{100 * r['class_accuracy']:13.1f}%" if "class_accuracy" in r else f"{'-':>14}"
         lines.append(f"  {float(scale):8.1f} | {acc} | {r['fd']:6.2f}  {r['fd_ratio']:8.2f} | "
                      f"{r['kid']:.4f} +- {r['kid_std']:.4f}")
+    if d.get("n_asked", d["n"]) > d["n"]:
+        lines.append(f"  -n {d['n_asked']} was asked; {d['n']} is as many as the held-out images allow (the other "
+                     "half is the FD reference)")
+    if d["n"] < 100:
+        lines.append(f"  n = {d['n']}: FD, KID and class accuracy are rough at this size (KID is unbiased, so it can "
+                     "be negative); compare runs of the same n only")
     return "\n".join(lines)
 
 
 def cmd_evaluate(args) -> int:
+    import json
+
+    from minildm.config import data_preset
     from minildm.device import setup
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
+    manifest = Path(args.run) / MANIFEST
+    real = json.loads(manifest.read_text()) if manifest.exists() else None  # a run of `minildm train --dataset`
+    if args.n is None:  # what `minildm train` evaluated with
+        args.n = 512 if real is None else (32 if rt.fast else 1000)
+    if args.guidance is None:
+        args.guidance = [1.0, 3.0, 5.0] if real is None else [data_preset(real["dataset"]).guidance]
     result = evaluate_run(Path(args.run), rt, n=args.n, guidance_scales=tuple(args.guidance), judge_path=args.judge,
                           json_path=Path(args.json) if args.json else None, sampler=args.sampler, steps=args.steps)
     print(format_evaluation(result))
@@ -484,6 +549,7 @@ def cmd_sample(args) -> int:
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(Path(args.run), rt.device)
+    out = Path(args.out) if args.out else Path(args.run) / "sampled.png"
     guidance = args.guidance
     if guidance is None:  # the scale the run was evaluated at: its data set's preset, or 3 on Shapes
         manifest = Path(args.run) / MANIFEST
@@ -498,6 +564,9 @@ def cmd_sample(args) -> int:
             else "captions"
         raise ValueError(f"the run in '{args.run}' is conditional: name one or more {kind}")
     else:
+        if diffusion_cfg.condition == "class" and any(not c.strip() for c in args.caption):
+            raise ValueError(f"an empty class name was given to the class-conditional run in '{args.run}'; name "
+                             f"classes, e.g. {denoiser.classes[0]!r}")
         captions = [c for c in args.caption for _ in range(args.n)]
     images = generate(denoiser, captions, schedule, autoencoder.cfg.latent_shape, rt,
                       prediction=diffusion_cfg.prediction, guidance_scale=guidance, autoencoder=autoencoder,
@@ -510,33 +579,45 @@ def cmd_sample(args) -> int:
         if read is not None:
             wrong = int(misreads(read, rows, args.n).sum())
             title += f": {wrong} of {len(images)} read as another class by the run's classifier (red)"
-        path = save_figure(show_class_rows(images, denoiser.classes, args.n, title, read, rows), args.out)
+        path = save_figure(show_class_rows(images, denoiser.classes, args.n, title, read, rows), out)
     else:
-        path = save_grid(args.out, images, nrow=args.n, captions=captions if any(captions) else None)
+        path = save_grid(out, images, nrow=args.n, captions=captions if any(captions) else None)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_data(args) -> int:
+    """A grid of a data set's images as training sees them: Shapes with captions, a real data set through the
+    loader of `minildm train --dataset` (same root, preset size and channels, unreadable files skipped) with class
+    names, a seeded random sample (an image folder lists its classes one after another)."""
     import torch
 
-    from minildm.data import load_dataset
+    from minildm.data.datasets import DATASETS
+
+    if args.dataset.lower().strip() not in DATASETS:
+        raise ValueError(f"unknown data set {args.dataset!r}; known: {', '.join(DATASETS)}")
+    if args.dataset.lower().strip() == "shapes":
+        from minildm.data import load_dataset
+
+        dataset = load_dataset("shapes", image_size=args.image_size or 64)
+        items = [dataset[i] for i in range(args.n)]  # Shapes is drawn at random already
+        images, captions = torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+        total = "generated on the fly"
+    else:
+        from minildm.config import data_preset
+
+        preset = data_preset(args.dataset, image_size=args.image_size)
+        root = data_root_arg(args.root, preset.name)
+        data, split = load_training_images(preset, root, fast=False, seed=0, limit=args.n)
+        images = data.batch(range(len(data)), "cpu")["image"]  # (n, C, S, S) in [-1, 1], as training sees them
+        captions = [data.classes[int(y)] for y in data.labels] if data.labels is not None else None
+        where = f"the images under {root}" if split == "folder" else f"{split} split"
+        skipped = f"; {len(data.skipped)} unreadable files skipped" if data.skipped else ""
+        total = f"a random sample of {where}{skipped}"
     from minildm.viz import save_grid
 
-    dataset = load_dataset(args.dataset, root=args.root, image_size=args.image_size)
-    count = min(args.n, len(dataset))
-    # A seeded random sample of a finite data set: an image folder lists its classes one after another, so its
-    # first n images would all be of one class. Shapes is drawn at random already: its first n.
-    picks = range(count) if args.dataset.lower() == "shapes" else \
-        torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count].tolist()
-    items = [dataset[i] for i in picks]
-    images = torch.stack([it["image"] for it in items])
-    if "caption" in items[0]:  # Shapes
-        captions = [it["caption"] for it in items]
-    else:
-        captions = [str(it.get("label", "")) for it in items]
     path = save_grid(args.out, images, nrow=8, captions=captions)
-    print(f"wrote {path} ({len(items)} images of {args.dataset}, {len(dataset)} in the data set)")
+    print(f"wrote {path} ({len(images)} images of {args.dataset}, {total})")
     return 0
 
 
@@ -591,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan", action="store_true",
                    help="add the PatchGAN term to the autoencoder's loss (off by default: on Shapes it costs fidelity)")
     p.add_argument("--eval-n", type=int, default=None,
-                   help="held-out captions sampled for the final evaluation (default: 512, 32 in fast mode)")
+                   help="samples for the final evaluation, one per held-out caption or label (default: 512 on "
+                   "Shapes, 1,000 on a real data set; 32 in fast mode)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale of the samples and the evaluation (default: 3 on Shapes, the preset's on a "
                    "real data set)")
@@ -600,8 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to train on (default: Shapes, text-conditioned); a real data set uses its preset "
                    "(image size, channels, f, budgets: minildm/config.py DATA_PRESETS, printed at the start)")
     p.add_argument("--root", default=None,
-                   help="folder of a real data set: e.g. data (holding MNIST/raw), or an image folder "
-                   "ROOT/<class>/<image> (the folders are the classes) or ROOT/<image> (no labels)")
+                   help="folder of a real data set (default: $MINILDM_DATA): e.g. ../shared/data (holding "
+                   "MNIST/raw), or an image folder ROOT/<class>/<image> (the folders are the classes) or ROOT/<image> "
+                   "(no labels)")
     p.add_argument("--image-size", type=int, default=None, help="image size instead of the preset's")
     p.add_argument("--condition", choices=["class", "none"], default=None,
                    help="class-conditional or unconditional (default: class where the data set has labels)")
@@ -613,17 +696,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "on a first run, seconds once the compiler's cache is warm; steps 15%% faster than cudagraphs)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a trained pipeline: PSNR, caption accuracy, FD and KID",
-                       description="Evaluate the pipeline `minildm train` wrote in RUN: held-out reconstruction PSNR "
-                       "and how often the Shapes judge (a classifier the course trains; trained once per image size "
-                       "when missing) reads the captioned objects in reconstructions and in samples for held-out "
-                       "captions, per guidance scale, with FD and KID on the judge's features. Prints a table and "
-                       "writes JSON.")
+    p = sub.add_parser("evaluate", help="score a trained pipeline: PSNR, caption or class accuracy, FD and KID",
+                       description="Evaluate the pipeline `minildm train` wrote in RUN. On Shapes: held-out "
+                       "reconstruction PSNR and how often the Shapes judge (a classifier the course trains; trained "
+                       "once per image size when missing) reads the captioned objects in reconstructions and in "
+                       "samples for held-out captions, per guidance scale, with FD and KID on the judge's features. "
+                       "On a real data set (`minildm train --dataset`): the same with the run's own classifier, class "
+                       "accuracy of samples drawn for held-out labels, and FD / KID to held-out images (at most half "
+                       "of them are sampled for: the rest is the reference). Prints a table and writes JSON.")
     _add_common(p)
     p.add_argument("run", help="folder written by `minildm train` (e.g. runs/default)")
-    p.add_argument("-n", type=int, default=512, help="held-out captions (one sample each) and images (default: 512)")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0],
-                   help="classifier-free guidance scales to evaluate (default: 1 3 5)")
+    p.add_argument("-n", type=int, default=None,
+                   help="samples (one per held-out caption or label) and held-out images (default: 512 on Shapes, "
+                   "1,000 on a real data set, as `minildm train`)")
+    p.add_argument("--guidance", type=float, nargs="+", default=None,
+                   help="classifier-free guidance scales to evaluate (default: 1 3 5 on Shapes, the data set's preset "
+                   "on a real data set)")
     p.add_argument("--judge", default=None, help="a judge checkpoint to use instead of the cached one")
     p.add_argument("--json", default=None, help="where to write the results (default: RUN/evaluation.json)")
     _add_sampler(p)
@@ -639,17 +727,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1 = none; default: the data set's preset for a run of "
                    "`minildm train --dataset`, else 3)")
-    p.add_argument("--out", default="runs/samples.png")
+    p.add_argument("--out", default=None,
+                   help="the PNG to write (default: RUN/sampled.png, beside the run's own samples.png)")
     _add_sampler(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("data", help="write a grid of images from a data set, with captions or labels",
-                       description="Write a captioned grid of the first images of a data set.")
-    p.add_argument("--dataset", default="shapes", help="shapes, mnist, fashion-mnist, cifar10, celeba, imagefolder")
-    p.add_argument("--root", default="data", help="where the data set lives (or is downloaded to)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("-n", type=int, default=16, help="number of images")
-    p.add_argument("--out", default="runs/data.png")
+                       description="Write a grid of a data set's images as `minildm train` sees them, with their "
+                       "captions (Shapes) or class names: a seeded random sample of a real data set, read from "
+                       "--root as `minildm train --dataset` reads it.")
+    p.add_argument("--dataset", default="shapes", help="shapes (default), mnist, fashion-mnist, cifar10, celeba or "
+                   "imagefolder")
+    p.add_argument("--root", default=None, help="folder of a real data set, as for `minildm train` (default: "
+                   "$MINILDM_DATA)")
+    p.add_argument("--image-size", type=int, default=None, help="image size (default: the preset's; Shapes 64)")
+    p.add_argument("-n", type=int, default=16, help="number of images (default: %(default)s)")
+    p.add_argument("--out", default="runs/data.png", help="the PNG to write (default: %(default)s)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("grade", help="autograde submitted exercises with nbgrader and print the scores",
@@ -676,18 +769,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     if getattr(args, "fast", False):
         os.environ[FAST_ENV] = "1"
+    if args.command in ("sample", "data") and args.n < 1:
+        print(f"minildm: error: -n is the number of images to draw, at least 1, got {args.n}", file=sys.stderr)
+        return 2
+    format_warning = warnings.formatwarning  # a warning reads as the command's own line, not Python's source line
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"minildm: warning: {message}\n"
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        print("\nminildm: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("MINILDM_DEBUG"):
             raise
         print(f"minildm: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":

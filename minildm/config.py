@@ -209,7 +209,8 @@ class DataPreset:
                       f"{self.diffusion_lr:g}{unet}) + {self.classifier_seconds:.0f} s classifier on one GPU; "
                       f"guidance {self.guidance:g}")
         return (f"preset {self.name}: {self.image_size} px, {self.channels} channel(s), f={self.f} -> latents "
-                f"4x{self.image_size // self.f}x{self.image_size // self.f}, {self.held_out} images held out, "
+                f"4x{self.image_size // self.f}x{self.image_size // self.f}, up to {self.held_out} images held out "
+                "(at most a fifth), "
                 f"random flips {'on' if self.hflip else 'off'}; {budget}")
 
 

@@ -447,13 +447,13 @@ def evaluate_classes(denoiser: ClassDenoiser, schedule: NoiseSchedule, autoencod
     reconstructions, and per guidance scale the class accuracy of the samples (class-conditional runs), FD and KID
     on the classifier's features to the reference, next to the real-data floor (FD of the real images to the
     reference)."""
-    n = min(n, len(held_out) // 2 if classifier is not None else len(held_out))  # FD needs a reference half
+    asked, n = n, min(n, len(held_out) // 2 if classifier is not None else len(held_out))  # FD: a reference half
     if n < (2 if classifier is not None else 1):
         raise ValueError(f"{len(held_out)} held-out images are too few to evaluate: FD needs 2 + 2 (hold out more)")
     real_index, reference_index = real_and_reference(len(held_out), n)
     real = held_out.batch(real_index, runtime.device)
     recon = reconstruct(autoencoder, real["image"], runtime)
-    result = {"n": n, "psnr": psnr(real["image"], recon).mean().item(), "sampler": sampler,
+    result = {"n": n, "n_asked": asked, "psnr": psnr(real["image"], recon).mean().item(), "sampler": sampler,
               "steps": steps or (schedule.T if sampler == "ddpm" else min(DEFAULT_STEPS, schedule.T)), "by_guidance": {}}
     if classifier is None:
         return result  # no labels, no classifier: no feature network for FD yet

@@ -240,6 +240,14 @@ class Trainer:
         def done() -> bool:
             return self.step >= total or (budget is not None and self.train_seconds >= budget)
 
+        if progress and self.place.is_main and self.step > 0:  # say what a checkpoint found in place means
+            if not done():
+                print(f"{self.task.kind}: resuming from step {self.step} ({self.train_seconds:.0f} s of training "
+                      f"so far) in {self.ckpt_path}", flush=True)
+            else:
+                more = f", more than the {total} asked for" if self.step > total else ""
+                print(f"{self.task.kind}: already trained in {self.ckpt_path} ({self.step} steps, "
+                      f"{self.train_seconds:.0f} s{more}): nothing to train", flush=True)
         bar_args = {"desc": self.task.kind, "disable": not progress or done() or not self.place.is_main,
                     "dynamic_ncols": True}
         if budget is None:

@@ -407,4 +407,62 @@ def test_minildm_data_shows_a_random_sample_of_an_image_folder(tmp_path, monkeyp
     monkeypatch.setattr(minildm.viz, "save_grid", lambda path, images, nrow, captions: shown.update(c=captions) or path)
     assert main(["data", "--dataset", "imagefolder", "--root", str(tmp_path), "-n", "8", "--image-size", "16",
                  "--out", str(tmp_path / "grid.png")]) == 0
-    assert len(shown["c"]) == 8 and len(set(shown["c"])) >= 2
+    assert len(shown["c"]) == 8 and len(set(shown["c"])) >= 2 and set(shown["c"]) <= {"a", "b", "c"}  # class names
+    # It reads the folder as `minildm train` does: an unreadable file is skipped and counted, not a traceback.
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped 1 of"):
+        assert main(["data", "--dataset", "imagefolder", "--root", str(tmp_path), "-n", "25", "--image-size", "16",
+                     "--out", str(tmp_path / "grid.png")]) == 0
+    assert len(shown["c"]) == 24 and "1 unreadable files skipped" in capsys.readouterr().out
+
+
+@needs_data
+def test_minildm_data_and_train_read_minildm_data_when_no_root_is_given(tmp_path, monkeypatch, capsys):
+    import minildm.viz
+
+    monkeypatch.setenv("MINILDM_DATA", str(DATA))
+    shown = {}
+    monkeypatch.setattr(minildm.viz, "save_grid", lambda path, images, nrow, captions: shown.update(
+        images=images, c=captions) or path)
+    assert main(["data", "--dataset", "mnist", "-n", "8", "--out", str(tmp_path / "grid.png")]) == 0
+    assert shown["images"].shape == (8, 1, 32, 32) and all(" - " in c for c in shown["c"])  # "7 - seven"
+    assert "test split" in capsys.readouterr().out  # ../shared/data holds MNIST's test split only
+    monkeypatch.delenv("MINILDM_DATA")
+    assert main(["train", "--dataset", "mnist", "--out", str(tmp_path / "run"), "--fast"]) == 2
+    assert "needs --root PATH: the folder that holds MNIST/raw/" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_a_root_without_the_data_set_says_what_it_must_hold(tmp_path, capsys, dataset):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a folder")
+    run = ["train", "--dataset", dataset, "--out", str(tmp_path / "run"), "--fast", "--root"]
+    for root, says in ((tmp_path / "empty", "it must be the folder that holds"),
+                       (tmp_path / "missing", "does not exist"), (tmp_path / "notes.txt", "is a file")):
+        assert main([*run, str(root)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and ("MNIST/raw/" if dataset == "mnist" else "ROOT/<class>/<image>") in err, err
+        assert "download=True" not in err  # the Python API's remedy, not one the command line has
+
+
+def test_another_regularizer_in_a_finished_run_folder_is_refused_not_mixed(tmp_path, capsys):
+    # The diffusion model in --out was trained on the KL autoencoder's latents: a VQ autoencoder trained beside it
+    # would be sampled through that model (and evaluated with the KL one). Refused before anything trains.
+    for label in ("cats", "dogs"):
+        write_images(tmp_path / "pics" / label, [(f"{i}.png", "RGB", (16, 16)) for i in range(12)])
+    out = tmp_path / "run"
+    run = ["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(out), "--fast",
+           "--image-size", "16", "--steps", "2", "--eval-n", "2"]
+    assert main(run) == 0
+    assert main([*run, "--regularizer", "vq"]) == 2
+    assert "another --regularizer or --f" in capsys.readouterr().err
+    assert not (out / "autoencoder_vq_f4.pt").exists()
+    # An empty class name is the null class inside the model, not a row of the grid: refused, not a traceback.
+    assert main(["sample", "", "--run", str(out), "--fast", "--steps", "2", "--sampler", "ddim"]) == 2
+    assert "empty class name" in capsys.readouterr().err
+    assert main(["sample", "cats", "--run", str(out), "-n", "1", "--fast", "--steps", "2", "--sampler", "ddim"]) == 0
+    assert (out / "sampled.png").exists()  # beside the run's own samples.png, not in the folder above it
+    # A folder that holds two autoencoders (left by an older minildm) is not guessed from.
+    (out / "autoencoder_vq_f4.pt").write_bytes((out / "autoencoder_kl_f4.pt").read_bytes())
+    assert main(["evaluate", str(out), "-n", "2", "--fast"]) == 2
+    assert "holds 2 autoencoders" in capsys.readouterr().err

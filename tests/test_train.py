@@ -87,6 +87,16 @@ def test_keyboard_interrupt_saves_a_checkpoint_to_resume_from(tmp_path):
     assert state["step"] == 7 and set(state["optimizers"]) == {"model", "critic"}
 
 
+def test_a_run_found_in_its_checkpoint_says_whether_it_resumes_or_is_finished(tmp_path, capsys):
+    Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt").fit(batch_at, steps=10, progress=False)
+    Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt").fit(batch_at, steps=15)
+    assert "resuming from step 10" in capsys.readouterr().out
+    # Run again asking for fewer steps than the checkpoint has (an option not repeated): nothing trains, and it says so.
+    trainer = Trainer(LinearRegression(), config(), CPU, tmp_path / "ck.pt")
+    trainer.fit(batch_at, steps=5)
+    assert trainer.step == 15 and "already trained" in (out := capsys.readouterr().out) and "more than the 5" in out
+
+
 def test_time_budget_stops_training_and_is_remembered(tmp_path):
     trainer = Trainer(LinearRegression(), config(steps=10**6, max_seconds=0.0), CPU, tmp_path / "ck.pt")
     trainer.fit(batch_at, progress=False)

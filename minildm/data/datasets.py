@@ -36,15 +36,19 @@ class DatasetNotFoundError(FileNotFoundError):
     """A data set is neither under `root` nor downloadable (e.g. offline)."""
 
     def __init__(self, name: str, expected: Path, download: bool, cause: Exception | None = None):
+        expected = Path(expected)
+        because = f" [{type(cause).__name__}: {cause}]" if cause is not None else ""
         if name == "imagefolder":  # nothing to download: the images are the user's own
-            how, tried = f"put your images in {expected}/<class name>/*.jpg (or .png)", ""
+            what = (" (no such folder)" if not expected.exists() else
+                    " (a file, not a folder)" if not expected.is_dir() else "")
+            message = (f"data set 'imagefolder': no images found at {expected}{what}: put your images in {expected}/<class name>/<image> "
+                       f"(the folders are the classes) or {expected}/<image> (no labels).{because}")
         else:
             how = (f"pass download=True on a machine that is online (torchvision saves it there), "
                    f"or copy the files to {expected}")
             tried = " and the download failed too" if download else " and download=False"
-        because = f" [{type(cause).__name__}: {cause}]" if cause is not None else ""
-        super().__init__(f"data set {name!r} not found at {expected}: no local copy there{tried}. "
-                         f"To get it: {how}.{because}")
+            message = f"data set {name!r} not found at {expected}: no local copy there{tried}. To get it: {how}.{because}"
+        super().__init__(message)
         self.name, self.expected = name, expected
 
 

@@ -19,6 +19,7 @@ labels. Any mix of sizes and modes (grey, RGBA, palette, ...) is fine.
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,6 +185,12 @@ def _open(path: Path) -> Image.Image:
         return image.copy()
 
 
+def _leave_ctrl_c_to_main(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal: the workers ignore it and the main process stops them, so an
+    interrupted decode ends with one line, not a traceback from each worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def decode_all(load: Callable[[int], Image.Image], n: int, image_size: int, channels: int, names: list[str],
                workers: int | None = None) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
     """Decode items 0..n-1 -> (uint8 (K, C, S, S), kept indices, skipped (name, reason)); in parallel when large."""
@@ -192,7 +199,7 @@ def decode_all(load: Callable[[int], Image.Image], n: int, image_size: int, chan
         forks = torch.multiprocessing.get_start_method(allow_none=True) in (None, "fork") and os.name == "posix"
         workers = min(8, cores) if n >= 4096 and cores > 1 and forks else 0
     loader = torch.utils.data.DataLoader(_Decode(load, n, image_transform(image_size, channels)), batch_size=256,
-                                         num_workers=workers, collate_fn=list)
+                                         num_workers=workers, collate_fn=list, worker_init_fn=_leave_ctrl_c_to_main)
     images, kept, skipped = [], [], []
     for chunk_start, chunk in zip(range(0, n, 256), loader):
         for i, (image, error) in enumerate(chunk, chunk_start):
