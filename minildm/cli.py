@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
     from minildm.config import HOLDOUT_SEED, autoencoder_recipe, diffusion_recipe
     from minildm.data.shapes import ShapesConfig, ShapesDataset
     from minildm.device import setup
-    from minildm.pipeline import evaluate_reconstruction, generate, train_autoencoder, train_diffusion
+    from minildm.pipeline import evaluate_reconstruction, generate, train_diffusion
     from minildm.viz import save_grid
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)  # under torchrun: joins the group
@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
     if main:
         print(f"[1/2] autoencoder ({args.regularizer.upper()}, f={args.f}): checkpoint {ckpt} "
               "(an interrupted run resumes from it)")
-    autoencoder, _ = train_autoencoder(recipe, rt, ckpt)
+    autoencoder = first_stage(recipe, rt, ckpt)
     if not main:  # straight on to the next stage, which starts by waiting for rank 0
         if args.stage == "autoencoder":
             distributed.cleanup()
@@ -131,8 +131,23 @@ def refuse_another_autoencoder(out: Path, ckpt: Path) -> None:
     so another regularizer or f in the same --out would be trained beside it and mixed with it."""
     others = sorted(p.name for p in out.glob("autoencoder_*.pt") if p.name != ckpt.name)
     if others:
-        raise ValueError(f"'{out}' holds a pipeline built on {others[0]}, not {ckpt.name} (another --regularizer "
-                         "or --f); use another --out, or --fresh to start over there")
+        raise ValueError(f"'{out}' holds a pipeline built on {others[0]}, not {ckpt.name} (another --regularizer, "
+                         "--f or data set preset); use another --out, or --fresh to start over there")
+
+
+def first_stage(recipe, rt, ckpt: Path, **train_args):
+    """The run's autoencoder: trained, resumed or loaded when finished; but only loaded where the run's diffusion
+    model exists already, since that model was trained on the latents of this autoencoder as it is (training it on,
+    e.g. after a rerun with more --steps, would leave the diffusion model decoding through another one)."""
+    from minildm import distributed
+    from minildm.pipeline import load_autoencoder, train_autoencoder
+
+    if ckpt.exists() and (ckpt.parent / "diffusion_latent.pt").exists():
+        if distributed.is_main():
+            print(f"autoencoder: {ckpt} kept as it is (the diffusion model beside it was trained on its latents; "
+                  "--fresh trains both again)")
+        return load_autoencoder(ckpt, device=rt.device)
+    return train_autoencoder(recipe, rt, ckpt, **train_args)[0]
 
 
 def compile_mode(args, rt) -> str | None:
@@ -177,19 +192,30 @@ ROOT_LAYOUT = {  # what --root must hold, per data set (torchvision's folder lay
 
 
 def data_root_arg(root: str | None, dataset: str) -> Path:
-    """--root, else $MINILDM_DATA; a clear error where neither names a folder."""
-    if root is None:
-        if not os.environ.get("MINILDM_DATA"):
-            raise ValueError(f"--dataset {dataset} needs --root PATH: {ROOT_LAYOUT[dataset]} (or set MINILDM_DATA)")
-        root = os.environ["MINILDM_DATA"]
+    """--root; without it, the course's data folder (`config.data_root()`: $MINILDM_DATA, else <project>/data, with
+    CIFAR-10's test JPEGs in its cifar10-test/ as in ../shared/data), said so. An image folder is always named."""
+    from minildm.config import data_root
+
+    given = root is not None
+    if not given:
+        if dataset == "imagefolder":
+            raise ValueError(f"--dataset imagefolder needs --root PATH: {ROOT_LAYOUT['imagefolder']}")
+        base = data_root()
+        jpegs = base / "cifar10-test"
+        root = jpegs if dataset == "cifar10" and jpegs.is_dir() and not (base / "cifar-10-batches-py").is_dir() \
+            else base
     path = Path(root).expanduser().resolve()
     if not path.is_dir():
+        name = "--root" if given else "the data folder (no --root given: $MINILDM_DATA, else data/)"
         what = "is a file" if path.exists() else "does not exist"
-        raise FileNotFoundError(f"--root {path} {what}; for {dataset} it must be {ROOT_LAYOUT[dataset]}")
+        raise FileNotFoundError(f"{name} {path} {what}; for {dataset}, --root must be {ROOT_LAYOUT[dataset]}")
+    if not given:
+        print(f"{dataset}: no --root given, reading {path} ($MINILDM_DATA, else data/)")
     return path
 
 
-def load_training_images(preset, root: Path, fast: bool, seed: int, limit: int | None = None):
+def load_training_images(preset, root: Path, fast: bool, seed: int, limit: int | None = None,
+                         use: str = "training on part of the test split, the rest held out"):
     """(images, split name) of a real data set for training: the training split, or (MNIST-like data sets whose
     training split is absent, e.g. ../shared/data) the test split, said so; "folder" for images read from class
     folders (an image folder, or CIFAR-10 as JPEGs such as ../shared/data/cifar10-test: whichever split they are).
@@ -208,13 +234,12 @@ def load_training_images(preset, root: Path, fast: bool, seed: int, limit: int |
             return load_images(preset.name, root, train=True, **how), "train"
         except DatasetNotFoundError:
             images = load_images(preset.name, root, train=False, **how)
-            print(f"{preset.name}: no training split under {root}; training on part of the test split, the rest "
-                  "held out")
+            print(f"{preset.name}: no training split under {root}; {use}")
             return images, "test"
     except DatasetNotFoundError as e:
         if preset.name == "imagefolder":  # its message names the layout already
             raise
-        raise FileNotFoundError(f"no {preset.name} data under --root {root}: it must be {ROOT_LAYOUT[preset.name]}. "
+        raise FileNotFoundError(f"no {preset.name} data under {root}: --root must be {ROOT_LAYOUT[preset.name]}. "
                                 "minildm does not download data sets: copy the files there") from e
 
 
@@ -231,7 +256,7 @@ def cmd_train_data(args) -> int:
     from minildm.data.images import has_class_folders, tensor_batch_at
     from minildm.device import setup
     from minildm.metrics import psnr
-    from minildm.pipeline import generate, reconstruct, train_autoencoder, train_diffusion
+    from minildm.pipeline import generate, reconstruct, train_diffusion
     from minildm.viz import misreads, save_figure, save_grid, show_class_rows
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)  # under torchrun: joins the group
@@ -240,20 +265,22 @@ def cmd_train_data(args) -> int:
     preset = data_preset(args.dataset, image_size=args.image_size)
     if args.f is not None:  # the preset's f unless asked for another (CIFAR-10's is 2, so --f 4 means 4)
         preset = dataclasses.replace(preset, f=args.f)
-    print(preset.describe(rt.fast))
-    if args.steps is not None:
-        print(f"  --steps {args.steps}: the autoencoder trains {args.steps} steps instead of the preset's budget")
-    if rt.device.type == "cpu" and not rt.fast:
+    if main:
+        print(preset.describe(rt.fast))
+    if args.steps is not None and main:
+        print(f"  --steps {args.steps}: the autoencoder trains {args.steps} step{'s' if args.steps != 1 else ''} "
+              "instead of the preset's budget")
+    if rt.device.type == "cpu" and not rt.fast and main:
         print("  full mode on a CPU: the budgets above are seconds on one GPU, so this trains far less than the preset "
               f"means and decodes every image (memory); for a quick run use --fast ({FAST_ENV}=1)")
     guidance = preset.guidance if args.guidance is None else args.guidance
+    eval_n = args.eval_n or (16 if rt.fast else 1000)  # fast mode holds out 32: 16 sampled for, 16 the reference
     root = data_root_arg(args.root, args.dataset)
     out = Path(args.out)
     if args.fresh and main:
         for old in (*out.glob("*.pt"), out / MANIFEST):
             old.unlink(missing_ok=True)
     distributed.barrier("deleting the old checkpoints (--fresh)")
-    refuse_another_autoencoder(out, out / f"autoencoder_{args.regularizer}_f{preset.f}.pt")
     data, split = load_training_images(preset, root, rt.fast, args.seed)
     one_class = data.classes is not None and len(data.classes) == 1
     if one_class and args.condition != "class":  # nothing to tell apart: no class conditioning, no classifier
@@ -278,7 +305,8 @@ def cmd_train_data(args) -> int:
                          "images; add images")
     manifest = {"dataset": args.dataset, "root": str(root), "split": split, "image_size": preset.image_size,
                 "channels": preset.channels, "f": preset.f, "condition": condition, "classes": data.classes,
-                "images": len(data), "held_out": len(held), "skipped": len(data.skipped), "seed": args.seed}
+                "images": len(data), "held_out": len(held), "skipped": len(data.skipped), "seed": args.seed,
+                "guidance": guidance, "eval_n": eval_n}  # the last two: what `minildm evaluate` defaults to
     old = out / MANIFEST
     if old.exists():
         was = json.loads(old.read_text())
@@ -292,6 +320,7 @@ def cmd_train_data(args) -> int:
                              f"({was.get('image_size')} px, condition {was.get('condition')}, {was.get('images')} "
                              f"images), not this one (differs in: {', '.join(differ)}); use another --out, or "
                              "--fresh to start over there")
+    refuse_another_autoencoder(out, out / f"autoencoder_{args.regularizer}_f{preset.f}.pt")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         old.write_text(json.dumps(manifest, indent=1))
@@ -310,9 +339,9 @@ def cmd_train_data(args) -> int:
     if args.steps is not None:
         recipe.train.steps, recipe.train.max_seconds = args.steps, None
     ckpt = out / f"autoencoder_{args.regularizer}_f{preset.f}.pt"
-    stages = 3 if data.labels is not None else 2  # the classifier needs labels
+    stages = 1 if args.stage == "autoencoder" else 3 if data.labels is not None else 2  # a classifier needs labels
     print(f"[1/{stages}] autoencoder ({args.regularizer.upper()}, f={preset.f}): checkpoint {ckpt}")
-    autoencoder, _ = train_autoencoder(recipe, rt, ckpt, images_at=feeder(recipe.train.batch_size))
+    autoencoder = first_stage(recipe, rt, ckpt, images_at=feeder(recipe.train.batch_size))
     if not main and args.stage == "autoencoder":
         distributed.cleanup()
         return 0
@@ -365,7 +394,7 @@ def cmd_train_data(args) -> int:
     else:
         path = save_grid(out / "samples.png", samples, nrow=8, title=title)
     print(f"wrote {path}")
-    result = evaluate_run(out, rt, n=args.eval_n or (32 if rt.fast else 1000), guidance_scales=(guidance,),
+    result = evaluate_run(out, rt, n=eval_n, guidance_scales=(guidance,),
                           sampler="dpmpp_2m", steps=20)
     print(format_evaluation(result))
     print(f"wrote {out / 'evaluation.json'}; {time.perf_counter() - start:.0f} s in all")
@@ -510,8 +539,8 @@ def format_data_evaluation(result: dict) -> str:
         lines.append(f"  {float(scale):8.1f} | {acc} | {r['fd']:6.2f}  {r['fd_ratio']:8.2f} | "
                      f"{r['kid']:.4f} +- {r['kid_std']:.4f}")
     if d.get("n_asked", d["n"]) > d["n"]:
-        lines.append(f"  -n {d['n_asked']} was asked; {d['n']} is as many as the held-out images allow (the other "
-                     "half is the FD reference)")
+        lines.append(f"  {d['n_asked']} samples were asked; {d['n']} is as many as the held-out images allow (the "
+                     "other half is the FD reference)")
     if d["n"] < 100:
         lines.append(f"  n = {d['n']}: FD, KID and class accuracy are rough at this size (KID is unbiased, so it can "
                      "be negative); compare runs of the same n only")
@@ -528,9 +557,9 @@ def cmd_evaluate(args) -> int:
     manifest = Path(args.run) / MANIFEST
     real = json.loads(manifest.read_text()) if manifest.exists() else None  # a run of `minildm train --dataset`
     if args.n is None:  # what `minildm train` evaluated with
-        args.n = 512 if real is None else (32 if rt.fast else 1000)
+        args.n = (32 if rt.fast else 512) if real is None else real.get("eval_n", 16 if rt.fast else 1000)
     if args.guidance is None:
-        args.guidance = [1.0, 3.0, 5.0] if real is None else [data_preset(real["dataset"]).guidance]
+        args.guidance = [1.0, 3.0, 5.0] if real is None else [real.get("guidance", data_preset(real["dataset"]).guidance)]
     result = evaluate_run(Path(args.run), rt, n=args.n, guidance_scales=tuple(args.guidance), judge_path=args.judge,
                           json_path=Path(args.json) if args.json else None, sampler=args.sampler, steps=args.steps)
     print(format_evaluation(result))
@@ -553,7 +582,11 @@ def cmd_sample(args) -> int:
     guidance = args.guidance
     if guidance is None:  # the scale the run was evaluated at: its data set's preset, or 3 on Shapes
         manifest = Path(args.run) / MANIFEST
-        guidance = data_preset(json.loads(manifest.read_text())["dataset"]).guidance if manifest.exists() else 3.0
+        if manifest.exists():
+            real = json.loads(manifest.read_text())
+            guidance = real.get("guidance", data_preset(real["dataset"]).guidance)
+        else:
+            guidance = 3.0
     if diffusion_cfg.condition == "none":
         if args.caption:
             raise ValueError(f"the run in '{args.run}' is unconditional: it takes no class names or captions, got "
@@ -608,7 +641,8 @@ def cmd_data(args) -> int:
 
         preset = data_preset(args.dataset, image_size=args.image_size)
         root = data_root_arg(args.root, preset.name)
-        data, split = load_training_images(preset, root, fast=False, seed=0, limit=args.n)
+        data, split = load_training_images(preset, root, fast=False, seed=0, limit=args.n,
+                                           use="showing the test split")
         images = data.batch(range(len(data)), "cpu")["image"]  # (n, C, S, S) in [-1, 1], as training sees them
         captions = [data.classes[int(y)] for y in data.labels] if data.labels is not None else None
         where = f"the images under {root}" if split == "folder" else f"{split} split"
@@ -777,12 +811,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("sample", "data") and args.n < 1:
         print(f"minildm: error: -n is the number of images to draw, at least 1, got {args.n}", file=sys.stderr)
         return 2
-    format_warning = warnings.formatwarning  # a warning reads as the command's own line, not Python's source line
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"minildm: warning: {message}\n"
+    format_warning = warnings.formatwarning  # minildm's own warnings read as one line, not Python's source line
+
+    def one_line(message, category, filename, *rest, **kw):
+        if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+            return f"minildm: warning: {message}\n"
+        return format_warning(message, category, filename, *rest, **kw)
+
+    warnings.formatwarning = one_line
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\nminildm: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+            print("\nminildm: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("MINILDM_DEBUG"):

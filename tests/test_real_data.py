@@ -427,9 +427,13 @@ def test_minildm_data_and_train_read_minildm_data_when_no_root_is_given(tmp_path
     assert main(["data", "--dataset", "mnist", "-n", "8", "--out", str(tmp_path / "grid.png")]) == 0
     assert shown["images"].shape == (8, 1, 32, 32) and all(" - " in c for c in shown["c"])  # "7 - seven"
     assert "test split" in capsys.readouterr().out  # ../shared/data holds MNIST's test split only
-    monkeypatch.delenv("MINILDM_DATA")
+    assert main(["data", "--dataset", "cifar10", "-n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    assert "cifar10-test" in capsys.readouterr().out  # the course's CIFAR-10 JPEGs, one folder per class
+    assert main(["train", "--dataset", "imagefolder", "--out", str(tmp_path / "run"), "--fast"]) == 2
+    assert "imagefolder needs --root PATH" in capsys.readouterr().err  # never a guess at the user's own images
+    monkeypatch.setenv("MINILDM_DATA", str(tmp_path / "nowhere"))
     assert main(["train", "--dataset", "mnist", "--out", str(tmp_path / "run"), "--fast"]) == 2
-    assert "needs --root PATH: the folder that holds MNIST/raw/" in capsys.readouterr().err
+    assert "no --root given" in (err := capsys.readouterr().err) and "the folder that holds MNIST/raw/" in err
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
@@ -437,7 +441,7 @@ def test_a_root_without_the_data_set_says_what_it_must_hold(tmp_path, capsys, da
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a folder")
     run = ["train", "--dataset", dataset, "--out", str(tmp_path / "run"), "--fast", "--root"]
-    for root, says in ((tmp_path / "empty", "it must be the folder that holds"),
+    for root, says in ((tmp_path / "empty", "--root must be the folder that holds"),
                        (tmp_path / "missing", "does not exist"), (tmp_path / "notes.txt", "is a file")):
         assert main([*run, str(root)]) == 2
         err = capsys.readouterr().err
@@ -455,7 +459,7 @@ def test_another_regularizer_in_a_finished_run_folder_is_refused_not_mixed(tmp_p
            "--image-size", "16", "--steps", "2", "--eval-n", "2"]
     assert main(run) == 0
     assert main([*run, "--regularizer", "vq"]) == 2
-    assert "another --regularizer or --f" in capsys.readouterr().err
+    assert "another --regularizer, --f or data set preset" in capsys.readouterr().err
     assert not (out / "autoencoder_vq_f4.pt").exists()
     # An empty class name is the null class inside the model, not a row of the grid: refused, not a traceback.
     assert main(["sample", "", "--run", str(out), "--fast", "--steps", "2", "--sampler", "ddim"]) == 2
@@ -466,3 +470,51 @@ def test_another_regularizer_in_a_finished_run_folder_is_refused_not_mixed(tmp_p
     (out / "autoencoder_vq_f4.pt").write_bytes((out / "autoencoder_kl_f4.pt").read_bytes())
     assert main(["evaluate", str(out), "-n", "2", "--fast"]) == 2
     assert "holds 2 autoencoders" in capsys.readouterr().err
+
+
+def test_a_rerun_with_more_steps_keeps_the_autoencoder_its_diffusion_model_was_trained_on(tmp_path, capsys,
+                                                                                        monkeypatch):
+    # Training the autoencoder on would leave the finished diffusion model decoding through another first stage.
+    import minildm.pipeline
+
+    for label in ("cats", "dogs"):
+        write_images(tmp_path / "pics" / label, [(f"{i}.png", "RGB", (16, 16)) for i in range(12)])
+    out = tmp_path / "run"
+    run = ["train", "--dataset", "imagefolder", "--root", str(tmp_path / "pics"), "--out", str(out), "--fast",
+           "--image-size", "16", "--eval-n", "2", "--guidance", "1.5"]
+    assert main([*run, "--steps", "2"]) == 0
+    before = (out / "autoencoder_kl_f4.pt").read_bytes()
+    assert main(run) == 0  # the preset's 20 steps: more than the 2 the run's diffusion model saw
+    assert (out / "autoencoder_kl_f4.pt").read_bytes() == before
+    assert "kept as it is" in capsys.readouterr().out
+    # `minildm evaluate` and `minildm sample` default to what the run was evaluated with: its n and guidance.
+    asked = {}
+    evaluate = minildm.pipeline.evaluate_classes
+    monkeypatch.setattr(minildm.pipeline, "evaluate_classes",
+                        lambda *a, **k: asked.update(n=k["n"], g=k["guidance_scales"]) or evaluate(*a, **k))
+    assert main(["evaluate", str(out), "--fast", "--steps", "2", "--sampler", "ddim"]) == 0
+    assert asked == {"n": 2, "g": (1.5,)}
+    assert "2 samples were asked" not in capsys.readouterr().out
+    assert main(["evaluate", str(out), "--fast", "--steps", "2", "--sampler", "ddim", "-n", "50"]) == 0
+    out_text = capsys.readouterr().out
+    assert "50 samples were asked; 2 is as many as the held-out images allow" in out_text
+    assert "n = 2: FD, KID and class accuracy are rough" in out_text
+
+
+def test_the_commands_warnings_and_interruptions_are_one_line():
+    # In a terminal: minildm's own warning as one line (not Python's file:line and source), Ctrl-C as one line.
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, warnings
+        import minildm.cli as cli
+        def warn_then_stop(args):
+            warnings.warn_explicit("skipped 1 of 3 files", UserWarning, cli.__file__, 1)
+            raise KeyboardInterrupt
+        cli.cmd_data = warn_then_stop
+        sys.exit(cli.main(["data"]))
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130
+    assert done.stderr.splitlines() == ["minildm: warning: skipped 1 of 3 files", "", "minildm: interrupted"]

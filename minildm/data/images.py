@@ -213,7 +213,7 @@ def decode_all(load: Callable[[int], Image.Image], n: int, image_size: int, chan
                          f"{skipped[0][1]}); check that they are images")
     if skipped:
         warnings.warn(f"skipped {len(skipped)} of {n} files that could not be read as images (e.g. {skipped[0][0]}: "
-                      f"{skipped[0][1]}); training on the other {len(kept)}", stacklevel=2)
+                      f"{skipped[0][1]}); kept the other {len(kept)}", stacklevel=2)
     return torch.stack(images), kept, skipped
 
 
