@@ -716,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to train on (default: Shapes, text-conditioned); a real data set uses its preset "
                    "(image size, channels, f, budgets: minildm/config.py DATA_PRESETS, printed at the start)")
     p.add_argument("--root", default=None,
-                   help="folder of a real data set (default: $MINILDM_DATA): e.g. ../shared/data (holding "
+                   help="folder of a real data set (default: the course's data folder, $MINILDM_DATA or data/, "
+                   "except for an image folder): e.g. ../shared/data (holding "
                    "MNIST/raw), or an image folder ROOT/<class>/<image> (the folders are the classes) or ROOT/<image> "
                    "(no labels)")
     p.add_argument("--image-size", type=int, default=None, help="image size instead of the preset's")
@@ -772,8 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--root as `minildm train --dataset` reads it.")
     p.add_argument("--dataset", default="shapes", help="shapes (default), mnist, fashion-mnist, cifar10, celeba or "
                    "imagefolder")
-    p.add_argument("--root", default=None, help="folder of a real data set, as for `minildm train` (default: "
-                   "$MINILDM_DATA)")
+    p.add_argument("--root", default=None, help="folder of a real data set, as for `minildm train` (default: the "
+                   "course's data folder, $MINILDM_DATA or data/; an image folder must be named)")
     p.add_argument("--image-size", type=int, default=None, help="image size (default: the preset's; Shapes 64)")
     p.add_argument("-n", type=int, default=16, help="number of images (default: %(default)s)")
     p.add_argument("--out", default="runs/data.png", help="the PNG to write (default: %(default)s)")
