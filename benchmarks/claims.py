@@ -32,7 +32,10 @@ command would pass the device's 10 minutes: split as shown, into one --out (each
 space or factor and merged with the earlier ones; parts measured with another n, sampler, guidance or GPU model are
 refused).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
-the budget is checked every 10 steps. The pixel model's final accuracy is a target only when at least 10 of the n
+the budget is checked every 10 steps. Every model trains eagerly (no torch.compile: each budget resumes in a new
+Trainer, which would compile again, about 30 s a time). The eager latent step at batch 256 is launch-bound on a big
+GPU (docs/measured.md, "Training speed": CUDA graphs make it 2.2x faster) while the pixel step is closer to
+GPU-bound, so the latent model's lead measured here is if anything smaller than with both compiled. The pixel model's final accuracy is a target only when at least 10 of the n
 captions (objects) reach it; every model starts from the same seed, run alone or after another part.
 """
 
