@@ -194,6 +194,7 @@ ROOT_LAYOUT = {  # what --root must hold, per data set (torchvision's folder lay
 def data_root_arg(root: str | None, dataset: str) -> Path:
     """--root; without it, the course's data folder (`config.data_root()`: $MINILDM_DATA, else <project>/data, with
     CIFAR-10's test JPEGs in its cifar10-test/ as in ../shared/data), said so. An image folder is always named."""
+    from minildm import distributed
     from minildm.config import data_root
 
     given = root is not None
@@ -209,7 +210,7 @@ def data_root_arg(root: str | None, dataset: str) -> Path:
         name = "--root" if given else "the data folder (no --root given: $MINILDM_DATA, else data/)"
         what = "is a file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"{name} {path} {what}; for {dataset}, --root must be {ROOT_LAYOUT[dataset]}")
-    if not given:
+    if not given and distributed.is_main():
         print(f"{dataset}: no --root given, reading {path} ($MINILDM_DATA, else data/)")
     return path
 
@@ -283,7 +284,7 @@ def cmd_train_data(args) -> int:
     distributed.barrier("deleting the old checkpoints (--fresh)")
     data, split = load_training_images(preset, root, rt.fast, args.seed)
     one_class = data.classes is not None and len(data.classes) == 1
-    if one_class and args.condition != "class":  # nothing to tell apart: no class conditioning, no classifier
+    if one_class and args.condition != "class" and main:  # nothing to tell apart: no class conditioning or classifier
         print(f"{args.dataset} at {root} has one class folder ({data.classes[0]!r}): its images are trained on "
               "without labels, and evaluated by reconstruction PSNR only")
         if has_class_folders(root / data.classes[0]):  # e.g. --root ../shared/data for ../shared/data/cifar10-test
@@ -327,12 +328,15 @@ def cmd_train_data(args) -> int:
         save_held_out(out / "held_out.pt", held)
     skipped = f" ({len(data.skipped)} unreadable files skipped)" if data.skipped else ""
     where = f"the images under {root}" if split == "folder" else f"{split} split"
-    print(f"{len(data)} images of {args.dataset} ({where}){skipped}: {len(train)} to train on, {len(held)} held "
-          f"out; condition: {condition}" + (f" ({len(data.classes)} classes)" if condition == "class" else ""))
+    if main:
+        print(f"{len(data)} images of {args.dataset} ({where}){skipped}: {len(train)} to train on, {len(held)} held "
+              f"out; condition: {condition}" + (f" ({len(data.classes)} classes)" if condition == "class" else ""))
 
     def feeder(batch_size: int):
         epoch = -(-len(train) // batch_size)
-        print(f"  batch {batch_size}: one epoch = {epoch} step{'s' if epoch > 1 else ''} (shuffled anew each epoch)")
+        if main:
+            print(f"  batch {batch_size}: one epoch = {epoch} step{'s' if epoch > 1 else ''} (shuffled anew each "
+                  "epoch)")
         return tensor_batch_at(train, batch_size, rt.device, seed=args.seed, hflip=preset.hflip)
 
     recipe = preset.autoencoder_recipe(args.regularizer, fast=rt.fast)
@@ -340,7 +344,8 @@ def cmd_train_data(args) -> int:
         recipe.train.steps, recipe.train.max_seconds = args.steps, None
     ckpt = out / f"autoencoder_{args.regularizer}_f{preset.f}.pt"
     stages = 1 if args.stage == "autoencoder" else 3 if data.labels is not None else 2  # a classifier needs labels
-    print(f"[1/{stages}] autoencoder ({args.regularizer.upper()}, f={preset.f}): checkpoint {ckpt}")
+    if main:
+        print(f"[1/{stages}] autoencoder ({args.regularizer.upper()}, f={preset.f}): checkpoint {ckpt}")
     autoencoder = first_stage(recipe, rt, ckpt, images_at=feeder(recipe.train.batch_size))
     if not main and args.stage == "autoencoder":
         distributed.cleanup()
@@ -360,7 +365,8 @@ def cmd_train_data(args) -> int:
     ldm = preset.diffusion_recipe(shape, condition, fast=rt.fast)
     ldm.train.compile = compile_mode(args, rt)
     ckpt = out / "diffusion_latent.pt"
-    print(f"[2/{stages}] latent diffusion ({condition}) on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
+    if main:
+        print(f"[2/{stages}] latent diffusion ({condition}) on {'x'.join(map(str, shape))} latents: checkpoint {ckpt}")
     denoiser, schedule, _ = train_diffusion(ldm, rt, ckpt, autoencoder=autoencoder,
                                             images_at=feeder(ldm.train.batch_size), classes=data.classes)
     distributed.cleanup()  # training is over: rank 0 samples, trains the classifier and evaluates alone
@@ -559,7 +565,8 @@ def cmd_evaluate(args) -> int:
     if args.n is None:  # what `minildm train` evaluated with
         args.n = (32 if rt.fast else 512) if real is None else real.get("eval_n", 16 if rt.fast else 1000)
     if args.guidance is None:
-        args.guidance = [1.0, 3.0, 5.0] if real is None else [real.get("guidance", data_preset(real["dataset"]).guidance)]
+        args.guidance = [1.0, 3.0, 5.0] if real is None else \
+            [real.get("guidance", data_preset(real["dataset"]).guidance)]
     result = evaluate_run(Path(args.run), rt, n=args.n, guidance_scales=tuple(args.guidance), judge_path=args.judge,
                           json_path=Path(args.json) if args.json else None, sampler=args.sampler, steps=args.steps)
     print(format_evaluation(result))
