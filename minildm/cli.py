@@ -453,6 +453,9 @@ def evaluate_run(folder: Path, rt, n: int, guidance_scales: tuple[float, ...], j
         raise ValueError(f"asked to evaluate {n} samples; caption accuracy and FD need at least 2 (e.g. -n 512)")
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(folder, rt.device)
     if (folder / MANIFEST).exists():  # a run on a real data set: the course's classifier for it is the referee
+        if judge_path is not None:
+            raise ValueError(f"--judge is a Shapes judge, but '{folder}' holds a run on a real data set: its samples "
+                             "are read by the run's own classifier.pt; evaluate without --judge")
         return evaluate_data_run(folder, rt, n, guidance_scales, autoencoder, denoiser, schedule, diffusion_cfg,
                                  json_path, sampler, steps)
     size = autoencoder.cfg.image_size

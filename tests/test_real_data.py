@@ -499,6 +499,8 @@ def test_a_rerun_with_more_steps_keeps_the_autoencoder_its_diffusion_model_was_t
     out_text = capsys.readouterr().out
     assert "50 samples were asked; 2 is as many as the held-out images allow" in out_text
     assert "n = 2: FD, KID and class accuracy are rough" in out_text
+    assert main(["evaluate", str(out), "--fast", "--judge", str(out / "classifier.pt")]) == 2  # not silently ignored
+    assert "--judge is a Shapes judge" in capsys.readouterr().err
 
 
 def test_the_commands_warnings_and_interruptions_are_one_line():
