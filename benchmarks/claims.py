@@ -35,8 +35,9 @@ Training seconds count drawing and encoding the data, not evaluations or checkpo
 the budget is checked every 10 steps. Every model trains eagerly (no torch.compile: each budget resumes in a new
 Trainer, which would compile again, about 30 s a time). The eager latent step at batch 256 is launch-bound on a big
 GPU (docs/measured.md, "Training speed": CUDA graphs make it 2.2x faster) while the pixel step is closer to
-GPU-bound, so the latent model's lead measured here is if anything smaller than with both compiled. The pixel model's final accuracy is a target only when at least 10 of the n
-captions (objects) reach it; every model starts from the same seed, run alone or after another part.
+GPU-bound, so the latent model's lead measured here is if anything smaller than with both compiled. The pixel
+model's final accuracy is a target only when at least 10 of the n captions (objects) reach it; every model starts
+from the same seed, run alone or after another part.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ after a warm-up, and appends one JSON line (rank 0) to OUT/ddp_speed.jsonl: worl
 global images/s. Two ways to read 1 vs 2 GPUs:
 - the same global batch (the recipe's 256): the same training, each GPU doing half the work per step;
 - the same per-GPU batch (--batch 512 on 2 GPUs): each GPU as busy as alone. One training process keeps an H200
-  about a third busy (docs/measured.md, "Training speed"), so halving a GPU's batch shortens its step by much less than half.
+  about a third busy (docs/measured.md, "Training speed"), so halving a GPU's batch shortens its step by much less
+  than half.
 """
 
 from __future__ import annotations

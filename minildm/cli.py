@@ -181,6 +181,21 @@ def _train_diffusion_rank(args, rt, autoencoder) -> int:
 MANIFEST = "data.json"  # what a run on a real data set was trained on (`minildm train --dataset ...`)
 
 
+def read_manifest(run: Path) -> dict | None:
+    """The data.json of a run of `minildm train --dataset`, with the guidance it was evaluated at (older runs did
+    not record it: their preset's); None for a Shapes run."""
+    import json
+
+    from minildm.config import data_preset
+
+    path = Path(run) / MANIFEST
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("guidance", data_preset(manifest["dataset"]).guidance)
+    return manifest
+
+
 ROOT_LAYOUT = {  # what --root must hold, per data set (torchvision's folder layouts, or class folders)
     "mnist": "the folder that holds MNIST/raw/ (torchvision's layout; e.g. ../shared/data)",
     "fashion-mnist": "the folder that holds FashionMNIST/raw/ (torchvision's layout)",
@@ -222,15 +237,14 @@ def load_training_images(preset, root: Path, fast: bool, seed: int, limit: int |
     folders (an image folder, or CIFAR-10 as JPEGs such as ../shared/data/cifar10-test: whichever split they are).
     Fast mode decodes a few hundred; `limit` decodes a seeded random sample of that many."""
     from minildm.data.datasets import DatasetNotFoundError
-    from minildm.data.images import load_images
+    from minildm.data.images import load_images, reads_class_folders
 
     limit = limit or (preset.fast_images if fast else None)
     how = {"image_size": preset.image_size, "channels": preset.channels, "limit": limit, "seed": seed}
     try:
         if preset.name not in ("mnist", "fashion-mnist"):
-            folder = preset.name == "imagefolder" or (preset.name == "cifar10"
-                                                      and not (root / "cifar-10-batches-py").is_dir())
-            return load_images(preset.name, root, **how), "folder" if folder else "train"
+            split = "folder" if reads_class_folders(preset.name, root) else "train"
+            return load_images(preset.name, root, **how), split
         try:
             return load_images(preset.name, root, train=True, **how), "train"
         except DatasetNotFoundError:
@@ -557,19 +571,14 @@ def format_data_evaluation(result: dict) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    import json
-
-    from minildm.config import data_preset
     from minildm.device import setup
 
     rt = setup(seed=args.seed, device=args.device, fast=True if args.fast else None)
-    manifest = Path(args.run) / MANIFEST
-    real = json.loads(manifest.read_text()) if manifest.exists() else None  # a run of `minildm train --dataset`
+    real = read_manifest(args.run)  # None for a Shapes run
     if args.n is None:  # what `minildm train` evaluated with
         args.n = (32 if rt.fast else 512) if real is None else real.get("eval_n", 16 if rt.fast else 1000)
     if args.guidance is None:
-        args.guidance = [1.0, 3.0, 5.0] if real is None else \
-            [real.get("guidance", data_preset(real["dataset"]).guidance)]
+        args.guidance = [1.0, 3.0, 5.0] if real is None else [real["guidance"]]
     result = evaluate_run(Path(args.run), rt, n=args.n, guidance_scales=tuple(args.guidance), judge_path=args.judge,
                           json_path=Path(args.json) if args.json else None, sampler=args.sampler, steps=args.steps)
     print(format_evaluation(result))
@@ -578,10 +587,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import json
-
     from minildm.classifier import load_classifier
-    from minildm.config import data_preset
     from minildm.device import setup
     from minildm.pipeline import generate
     from minildm.viz import misreads, save_figure, save_grid, show_class_rows
@@ -590,13 +596,9 @@ def cmd_sample(args) -> int:
     autoencoder, denoiser, schedule, diffusion_cfg = load_run(Path(args.run), rt.device)
     out = Path(args.out) if args.out else Path(args.run) / "sampled.png"
     guidance = args.guidance
-    if guidance is None:  # the scale the run was evaluated at: its data set's preset, or 3 on Shapes
-        manifest = Path(args.run) / MANIFEST
-        if manifest.exists():
-            real = json.loads(manifest.read_text())
-            guidance = real.get("guidance", data_preset(real["dataset"]).guidance)
-        else:
-            guidance = 3.0
+    if guidance is None:  # the scale the run was evaluated at, or 3 on Shapes
+        real = read_manifest(args.run)
+        guidance = 3.0 if real is None else real["guidance"]
     if diffusion_cfg.condition == "none":
         if args.caption:
             raise ValueError(f"the run in '{args.run}' is unconditional: it takes no class names or captions, got "
@@ -637,9 +639,10 @@ def cmd_data(args) -> int:
 
     from minildm.data.datasets import DATASETS
 
-    if args.dataset.lower().strip() not in DATASETS:
+    name = args.dataset.lower().strip()
+    if name not in DATASETS:
         raise ValueError(f"unknown data set {args.dataset!r}; known: {', '.join(DATASETS)}")
-    if args.dataset.lower().strip() == "shapes":
+    if name == "shapes":
         from minildm.data import load_dataset
 
         dataset = load_dataset("shapes", image_size=args.image_size or 64)

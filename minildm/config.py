@@ -220,9 +220,9 @@ DATA_PRESETS = {
     # of batch 512 at 8.7 a second, 265 s in all; 100% class accuracy at guidance 2, 96.4% at 1, FD / floor 1.01).
     # Its 32 px digits go to 4x8x8 latents (f=4: a digit is a few strokes, 8x8x4 numbers hold it). A UNet level at
     # 2x2 adds kernels but sees nothing new, so the UNet has two levels (8x8 and 4x4, attention at both): fewer
-    # kernels per step, and a step of the recipe is launch-bound on a big GPU (docs/measured.md, "Training speed"), so fewer
-    # kernels should buy more steps in the same seconds. For the same reason a batch of 512 at 8x8 (the work of 128
-    # at 16x16) should cost little more per step than 256 and halves the gradient noise. Guidance 2: digits need
+    # kernels per step, and a step of the recipe is launch-bound on a big GPU (docs/measured.md, "Training speed"),
+    # so fewer kernels should buy more steps in the same seconds. For the same reason a batch of 512 at 8x8 (the
+    # work of 128 at 16x16) should cost little more per step than 256 and halves the gradient noise. Guidance 2: digits need
     # less push than Shapes captions, and stronger guidance narrows the samples (a higher FD). The choices are
     # reasoned from the Shapes measurements; only the preset as a whole was measured on MNIST, not each choice
     # against its alternative.

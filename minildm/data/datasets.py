@@ -41,13 +41,15 @@ class DatasetNotFoundError(FileNotFoundError):
         if name == "imagefolder":  # nothing to download: the images are the user's own
             what = (" (no such folder)" if not expected.exists() else
                     " (a file, not a folder)" if not expected.is_dir() else "")
-            message = (f"data set 'imagefolder': no images found at {expected}{what}: put your images in {expected}/<class name>/<image> "
-                       f"(the folders are the classes) or {expected}/<image> (no labels).{because}")
+            message = (f"data set 'imagefolder': no images found at {expected}{what}: put your images in "
+                       f"{expected}/<class name>/<image> (the folders are the classes) or {expected}/<image> (no "
+                       f"labels).{because}")
         else:
             how = (f"pass download=True on a machine that is online (torchvision saves it there), "
                    f"or copy the files to {expected}")
             tried = " and the download failed too" if download else " and download=False"
-            message = f"data set {name!r} not found at {expected}: no local copy there{tried}. To get it: {how}.{because}"
+            message = (f"data set {name!r} not found at {expected}: no local copy there{tried}. To get it: "
+                       f"{how}.{because}")
         super().__init__(message)
         self.name, self.expected = name, expected
 

@@ -228,6 +228,13 @@ def has_class_folders(root: Path) -> bool:
     return root.is_dir() and any(p.is_dir() and any(map(is_image_file, p.iterdir())) for p in root.iterdir())
 
 
+def reads_class_folders(name: str, root: Path) -> bool:
+    """Whether `load_images` reads data set `name` from class folders root/<class>/<image>: an image folder always,
+    CIFAR-10 where root holds such folders instead of torchvision's cifar-10-batches-py (e.g. its test JPEGs)."""
+    return name == "imagefolder" or (name == "cifar10" and not (root / "cifar-10-batches-py").is_dir()
+                                     and has_class_folders(root))
+
+
 def load_images(name: str, root, image_size: int, channels: int = 3, train: bool = True,
                 limit: int | None = None, seed: int = 0) -> ImageTensors:
     """Decode a real data set once into an `ImageTensors` (`limit`: only a seeded random subset of that many).
@@ -240,8 +247,7 @@ def load_images(name: str, root, image_size: int, channels: int = 3, train: bool
         raise ValueError(f"unknown finite data set {name!r}; known: {', '.join(d for d in DATASETS if d != 'shapes')}"
                          " (Shapes is generated, not loaded)")
     root = Path(root).expanduser()
-    if key == "imagefolder" or (key == "cifar10" and not (root / "cifar-10-batches-py").is_dir()
-                                and has_class_folders(root)):
+    if reads_class_folders(key, root):
         files, labels, classes = scan_image_folder(root)
         pick = _pick(len(files), limit, seed)
         names = [str(files[i]) for i in pick]
