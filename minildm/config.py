@@ -222,10 +222,10 @@ DATA_PRESETS = {
     # 2x2 adds kernels but sees nothing new, so the UNet has two levels (8x8 and 4x4, attention at both): fewer
     # kernels per step, and a step of the recipe is launch-bound on a big GPU (docs/measured.md, "Training speed"),
     # so fewer kernels should buy more steps in the same seconds. For the same reason a batch of 512 at 8x8 (the
-    # work of 128 at 16x16) should cost little more per step than 256 and halves the gradient noise. Guidance 2: digits need
-    # less push than Shapes captions, and stronger guidance narrows the samples (a higher FD). The choices are
-    # reasoned from the Shapes measurements; only the preset as a whole was measured on MNIST, not each choice
-    # against its alternative.
+    # work of 128 at 16x16) should cost little more per step than 256 and halves the gradient noise. Guidance 2:
+    # digits need less push than Shapes captions, and stronger guidance narrows the samples (a higher FD). The
+    # choices are reasoned from the Shapes measurements; only the preset as a whole was measured on MNIST, not each
+    # choice against its alternative.
     "mnist": DataPreset("mnist", 32, 1, 4, held_out=2000, hflip=False, autoencoder_seconds=45,
                         diffusion_seconds=180, classifier_seconds=20, autoencoder_batch_size=128,
                         diffusion_batch_size=512, diffusion_lr=3e-4,
