@@ -1,9 +1,10 @@
 """The LDM paper's two central claims, measured small on Shapes (stage 11): by quality, not only by speed.
 
-    python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) ~7 min on one H200,
-    python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     then ~7 min (see below)
-    python benchmarks/claims.py f-study --f 1 2 --out runs/claims                   # (b) ~5.5 min,
-    python benchmarks/claims.py f-study --f 4 8 --out runs/claims                   #     then ~5 min
+    python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) 6.5 min on one H200,
+    python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     then 6.5 min
+    python benchmarks/claims.py f-study --f 1 --out runs/claims                     # (b) about 5.3 min per f
+    python benchmarks/claims.py f-study --f 2 --out runs/claims                     #     (benchmarks/run_claims.sh
+    ...                                                                             #     runs them one by one)
     python benchmarks/claims.py plot --out runs/claims                 # tables and PNGs again from the JSON
     python benchmarks/claims.py latent-vs-pixel --fast                 # tiny configs on a CPU, well under a minute
 
@@ -12,25 +13,29 @@
     for up to the largest budget, evaluated along the way at the --curve points (seconds of training): caption
     accuracy read by the Shapes judge and FD / real-data floor on the judge's features (`evaluate_text_to_image`: n
     held-out captions, guidance 3, DPM-Solver++(2M) 20 steps). The result also holds the wall time at which each
-    model first reaches the pixel model's final caption accuracy (the first curve point at or above it, and a linear
-    interpolation between the two points around it). The latent model's seconds do not count training the
-    autoencoder (reused from checkpoints/<mode>/autoencoder_kl_f4.pt, trained there if missing: 2 min): as in the paper,
+    model first reaches the pixel model's final caption accuracy, object accuracy and FD / floor (the first curve
+    point at or past it, and a linear interpolation between the two points around it). The latent model's seconds do
+    not count training the autoencoder (reused from checkpoints/<mode>/autoencoder_kl_f4.pt, trained there if
+    missing: 2 min, its reconstructions measured as in (b)): as in the paper,
     one first stage serves every diffusion model trained on it.
 (b) **The downsampling-factor study** (LDM Sec. 4.1, Fig. 6 in small): KL autoencoders with f = 1, 2, 4, 8 on Shapes
-    64 px, each trained for the same --ae-seconds (into --out, reused from there), then the same latent-diffusion
-    recipe on each one's latents for the same --curve budgets, evaluated as in (a). The batch size follows the
-    latent size so that every run fits about the same GPU memory (f=1: 32, like pixel space; f=2: 128; f=4, 8: 256).
+    64 px, each trained for the same --ae-seconds (default 120, the f=4 recipe's budget; into --out, reused from
+    there), then the same latent-diffusion recipe on each one's latents for the same --curve budgets, evaluated as in
+    (a). The batch size follows the latent size so that every run fits about the same GPU memory (f=1: 32, like pixel
+    space; f=2: 128; f=4, 8: 256). Each first stage is measured before diffusion trains on it (PSNR of its
+    reconstructions of n held-out images, and the judge's object accuracy on them): it caps what the samples can
+    show. The first stages need their time: on one H200, f=8 after 30 s (400 steps) reconstructed at 21.0 dB with 0%
+    of objects right, after 60 s 24.9 dB and 15%; f=4 after 30 s 32.5 dB and 78.5% (session 14).
 
 Each part writes claims_<part>.json (merged with an earlier invocation's spaces or factors, so the parts can run in
 separate commands) and claims_<part>.png, and prints a table. Every run trains from scratch (its diffusion
 checkpoints in --out are deleted first). The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80
-s). GPU time on one H200 (estimated from the recipes' measured speeds and a code review, not yet run), per
-invocation: `--spaces pixel` about 6.7 min (judge 80 s when missing, 5 budgets up to 240 s, 5 evaluations, a
-checkpoint loaded and saved at each budget); `--spaces latent` about 7 min (the f=4 autoencoder's 120 s when
-missing); `--f 1 2` about 5.5 min, `--f 4 8` about 5 min (30-s autoencoders, budgets up to 80 s). A whole part in one
-command would pass the device's 10 minutes: split as shown, into one --out (each part's JSON is written after every
-space or factor and merged with the earlier ones; parts measured with another n, sampler, guidance or GPU model are
-refused).
+s). GPU time on one H200 (session 14), per invocation: `--spaces pixel` 394 s with the judge's 80 s (5 budgets up to
+240 s, 5 evaluations, a checkpoint loaded and saved at each budget), `--spaces latent` 400 s with the f=4
+autoencoder's 120 s; one f of (b) with the defaults about 5.3 min (estimated from the same runs: 120 s + 160 s of
+training, 3 evaluations). A whole part in one command would pass the device's 10 minutes: split as shown, into one
+--out (each part's JSON is written after every space or factor and merged with the earlier ones; parts measured with
+another n, sampler, guidance or GPU model are refused).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
 the budget is checked every 10 steps. Every model trains eagerly (no torch.compile: each budget resumes in a new
 Trainer, which would compile again, about 30 s a time). The eager latent step at batch 256 is launch-bound on a big
@@ -53,9 +58,10 @@ import torch
 from minildm.config import autoencoder_recipe, checkpoint_dir, diffusion_recipe
 from minildm.device import setup
 from minildm.judge import judge_for
-from minildm.pipeline import evaluate_text_to_image, train_autoencoder, train_diffusion
+from minildm.pipeline import evaluate_autoencoder, evaluate_text_to_image, train_autoencoder, train_diffusion
 
 GUIDANCE = 3.0
+LOWER_IS_BETTER = {"fd_ratio"}  # the quality measures of a curve point where a smaller value is better
 F_BATCH = {1: 32, 2: 128, 4: 256, 8: 256}  # (b): latent diffusion batch per f (about equal GPU memory)
 
 
@@ -63,13 +69,14 @@ def first_reach(points: list[dict], target: float, key: str = "caption") -> dict
     """When a learning curve first reaches `target`: points are {"seconds", key} in training order.
     Returns {"first_point_s": seconds of the first point with key >= target (None if none),
     "interpolated_s": the linear interpolation between that point and the one before it (the first point's own
-    seconds when it is the first point)}."""
+    seconds when it is the first point)}. For "fd_ratio", where lower is better, the first point at or below it."""
+    sign = -1 if key in LOWER_IS_BETTER else 1  # compare -FD with -target: "reaches" means "falls to"
     for i, p in enumerate(points):
-        if p[key] >= target:
+        if sign * p[key] >= sign * target:
             if i == 0:  # reached by the first evaluation already: its seconds are an upper bound
                 return {"first_point_s": p["seconds"], "interpolated_s": p["seconds"], "at_first_point": True}
             q = points[i - 1]
-            share = (target - q[key]) / (p[key] - q[key]) if p[key] > q[key] else 1.0
+            share = (target - q[key]) / (p[key] - q[key]) if sign * p[key] > sign * q[key] else 1.0
             return {"first_point_s": p["seconds"], "at_first_point": False,
                     "interpolated_s": q["seconds"] + share * (p["seconds"] - q["seconds"])}
     return {"first_point_s": None, "interpolated_s": None, "at_first_point": False}
@@ -106,12 +113,26 @@ def learning_curve(recipe, rt, ckpt: Path, judge, autoencoder, curve: list[float
     return points
 
 
+def first_stage(autoencoder, judge, rt, n: int) -> dict:
+    """What the first stage keeps, which caps what any diffusion model on its latents can draw: mean PSNR of its
+    reconstructions of n held-out images, and the judge's object and caption accuracy on them and on the originals."""
+    scores = evaluate_autoencoder(autoencoder, judge, rt, n=n)
+    real, recon = scores["judge_on_real"], scores["judge_on_reconstructions"]
+    return {"psnr": scores["psnr"], "object": recon["object"], "caption": recon["caption"],
+            "object_real": real["object"], "caption_real": real["caption"]}
+
+
+def first_stage_line(kept: dict) -> str:
+    return (f"reconstructions {kept['psnr']:.1f} dB, objects right {kept['object']:.1%} (originals "
+            f"{kept['object_real']:.1%})")
+
+
 def merged(path: Path, key: str, new: dict, info: dict) -> dict:
     """The part's JSON with `new` entries under `key` merged over an earlier invocation's (written after every
     space or factor, so that a run cut short keeps what it finished). Results measured otherwise (another n,
-    sampler, guidance, GPU model, or fast mode) are not mixed: that is an error."""
+    sampler, guidance, GPU model, first-stage seconds, or fast mode) are not mixed: that is an error."""
     result = json.loads(path.read_text()) if path.exists() else {}
-    differ = [k for k in SAME_SETTINGS if k in result and result[k] != info[k]]
+    differ = [k for k in SAME_SETTINGS if k in result and result[k] != info.get(k)]
     if differ:
         was = ", ".join(f"{k} {result[k]!r}" for k in differ)
         now = ", ".join(repr(info[k]) for k in differ)
@@ -125,7 +146,7 @@ def merged(path: Path, key: str, new: dict, info: dict) -> dict:
 
 
 # what every part of one result shares: equal wall time means nothing across GPU models
-SAME_SETTINGS = ("n", "guidance", "sampler", "feature_network", "fast", "gpu")
+SAME_SETTINGS = ("n", "guidance", "sampler", "feature_network", "fast", "gpu", "ae_seconds")
 
 
 def common_info(rt, args) -> dict:
@@ -148,8 +169,10 @@ def cmd_latent_vs_pixel(args, rt) -> dict:
             autoencoder, _ = train_autoencoder(autoencoder_recipe("kl", 4, fast=rt.fast), rt, ae_path, progress=False)
             autoencoder.requires_grad_(False)
             recipe = diffusion_recipe("latent", fast=rt.fast, latent_shape=autoencoder.cfg.latent_shape)
-        print(f"{space}: batch {recipe.train.batch_size}, curve {sorted(args.curve)} s", flush=True)
-        run = {"batch": recipe.train.batch_size,
+        kept = first_stage(autoencoder, judge, rt, args.n) if space == "latent" else None
+        print(f"{space}: batch {recipe.train.batch_size}, curve {sorted(args.curve)} s"
+              + (f"; f=4 first stage: {first_stage_line(kept)}" if kept else ""), flush=True)
+        run = {"batch": recipe.train.batch_size, **({"first_stage": kept} if kept else {}),
                "curve": learning_curve(recipe, rt, args.out / f"claims_{space}.pt", judge,
                                        autoencoder if space == "latent" else None, args.curve, args.n, args.steps,
                                        space)}
@@ -162,7 +185,9 @@ MIN_RIGHT = 10  # a target the pixel model meets for fewer of the n captions tha
 
 def finish_latent_vs_pixel(result: dict, out: Path) -> dict:
     """Targets from the pixel model's last point (captions fully right; objects right, which moves more gradually
-    early on), when each space first reaches them, and latent / pixel time where the target means something."""
+    early on; FD / floor, which moves before either), when each space first reaches them, and latent / pixel time
+    where the target means something. An accuracy is a level only when at least MIN_RIGHT of the n captions
+    (objects) reach it; FD / floor is measured on all n samples and is always one."""
     spaces = result["spaces"]
     for key in ("target_caption", "reach", "latent_over_pixel_time", "targets"):  # recomputed from the curves
         result.pop(key, None)
@@ -171,9 +196,10 @@ def finish_latent_vs_pixel(result: dict, out: Path) -> dict:
     else:
         final = spaces["pixel"]["curve"][-1]
         result["targets"] = {}
-        for key in ("caption", "object"):
+        for key in ("caption", "object", "fd_ratio"):
             reach = {space: first_reach(run["curve"], final[key], key) for space, run in spaces.items()}
-            entry = {"target": final[key], "usable": final[key] * result["n"] >= MIN_RIGHT, "reach": reach}
+            usable = key in LOWER_IS_BETTER or final[key] * result["n"] >= MIN_RIGHT
+            entry = {"target": final[key], "usable": usable, "reach": reach}
             pixel_s, latent_s = reach["pixel"]["interpolated_s"], reach.get("latent", {}).get("interpolated_s")
             if entry["usable"] and pixel_s and latent_s is not None:
                 entry["latent_over_pixel_time"] = latent_s / pixel_s
@@ -198,8 +224,12 @@ def table_latent_vs_pixel(result: dict) -> str:
         for p in run["curve"]:
             lines.append(f"| {space} | {run['batch']} | {p['seconds']:.0f} | {p['steps']} | {p['caption']:.1%} | "
                          f"{p['object']:.1%} | {p['fd_ratio']:.2f} |")
+    kept = result["spaces"].get("latent", {}).get("first_stage")
+    if kept:
+        lines.append(f"the latent model's f=4 first stage on n held-out images: {first_stage_line(kept)}")
     for key, entry in result.get("targets", {}).items():
-        lines.append(f"pixel model's final {key} accuracy: {entry['target']:.1%}; first reached at")
+        level = f"FD / floor: {entry['target']:.2f}" if key == "fd_ratio" else f"{key} accuracy: {entry['target']:.1%}"
+        lines.append(f"pixel model's final {level}; first reached at")
         for space, r in entry["reach"].items():
             when = ("never within the curve" if r["first_point_s"] is None else
                     f"<= {r['first_point_s']:.0f} s (its first evaluation)" if r.get("at_first_point") else
@@ -209,8 +239,8 @@ def table_latent_vs_pixel(result: dict) -> str:
             lines.append(f"  no ratio: {entry['target']:.1%} of n = {result['n']} is under {MIN_RIGHT} / n, too few "
                          "right to be a level")
         elif "latent_over_pixel_time" in entry:
-            lines.append(f"  latent / pixel time to get there: {entry['latent_over_pixel_time']:.2f} "
-                         "(the issue's goal: at most 0.25)")
+            goal = " (the goal: at most 0.25)" if key == "caption" else ""
+            lines.append(f"  latent / pixel time to get there: {entry['latent_over_pixel_time']:.2f}{goal}")
     return "\n".join(lines)
 
 
@@ -233,13 +263,17 @@ def cmd_f_study(args, rt) -> dict:
         if not rt.fast:
             recipe.train.batch_size = F_BATCH[f]
         shape = autoencoder.cfg.latent_shape
-        print(f"f={f}: latents {'x'.join(map(str, shape))}, autoencoder {ae_history[-1]['seconds']:.0f} s, diffusion "
-              f"batch {recipe.train.batch_size}, curve {sorted(args.curve)} s", flush=True)
+        kept = first_stage(autoencoder, judge, rt, args.n)
+        print(f"f={f}: latents {'x'.join(map(str, shape))}, autoencoder {ae_history[-1]['seconds']:.0f} s "
+              f"({ae_history[-1]['step']} steps): {first_stage_line(kept)}; diffusion batch {recipe.train.batch_size}, "
+              f"curve {sorted(args.curve)} s", flush=True)
         run = {"batch": recipe.train.batch_size, "latent_shape": list(shape),
-               "autoencoder_seconds": ae_history[-1]["seconds"],
+               "autoencoder_seconds": ae_history[-1]["seconds"], "autoencoder_steps": ae_history[-1]["step"],
+               "first_stage": kept,
                "curve": learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder, args.curve,
                                        args.n, args.steps, f"f={f}")}
-        result = merged(args.out / "claims_f_study.json", "factors", {str(f): run}, common_info(rt, args))
+        result = merged(args.out / "claims_f_study.json", "factors", {str(f): run},
+                        {**common_info(rt, args), "ae_seconds": None if rt.fast else args.ae_seconds})
     return finish_f_study(result, args.out)
 
 
@@ -254,14 +288,21 @@ def finish_f_study(result: dict, out: Path) -> dict:
 def table_f_study(result: dict) -> str:
     curve = sorted({p["budget_s"] for run in result["factors"].values() for p in run["curve"]})
     lines = [f"{result['device']}",
-             (f"caption accuracy (judge) / FD / floor (FD on {result['feature_network']}) after each training "
-              f"budget; n = {result['n']}, guidance {result['guidance']:g}, {result['sampler']}"),
-             "| f | latents | batch | " + " | ".join(f"{b:g} s" for b in curve) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in curve) + " |"]
+             (f"captions right (objects right) / FD / floor, read by and FD on {result['feature_network']}, after "
+              f"each training budget; n = {result['n']}, guidance {result['guidance']:g}, {result['sampler']}"),
+             ("the first stage" + (f", trained {result['ae_seconds']:g} s" if result.get("ae_seconds") else "")
+              + ": PSNR of its reconstructions of n held-out images, and objects the judge reads right in them (-: not "
+              "recorded by that run)"),
+             "| f | latents | batch | first stage | " + " | ".join(f"{b:g} s" for b in curve) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in curve) + " |"]
     for f, run in result["factors"].items():
         at = {p["budget_s"]: p for p in run["curve"]}  # a budget the run had passed already has no point of its own
-        cells = [f"{at[b]['caption']:.1%} / {at[b]['fd_ratio']:.2f}" if b in at else "-" for b in curve]
-        lines.append(f"| {f} | {'x'.join(map(str, run['latent_shape']))} | {run['batch']} | " + " | ".join(cells) + " |")
+        cells = [f"{at[b]['caption']:.1%} ({at[b]['object']:.1%}) / {at[b]['fd_ratio']:.2f}" if b in at else "-"
+                 for b in curve]
+        kept = run.get("first_stage")
+        stage = f"{kept['psnr']:.1f} dB, {kept['object']:.1%}" if kept else "-"
+        lines.append(f"| {f} | {'x'.join(map(str, run['latent_shape']))} | {run['batch']} | {stage} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -301,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("f-study", help="(b): latent diffusion with f = 1, 2, 4, 8 at the same budget")
     b.add_argument("--f", type=int, nargs="+", choices=[1, 2, 4, 8], default=[1, 2, 4, 8])
     b.add_argument("--curve", type=float, nargs="+", default=None,
-                   help="seconds of training at which to evaluate (default 20 40 80; fast: 1 2)")
-    b.add_argument("--ae-seconds", type=float, default=30, help="training seconds of each autoencoder (default 30)")
+                   help="seconds of training at which to evaluate (default 40 80 160; fast: 1 2)")
+    b.add_argument("--ae-seconds", type=float, default=120,
+                   help="training seconds of each autoencoder (default 120)")
     p = sub.add_parser("plot", help="tables and PNGs again from the JSON files in --out")
     for s in (a, b, p):
         s.add_argument("--out", type=Path, default=Path("runs/claims"))
@@ -318,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n is None:
         args.n = 8 if rt.fast else 256
     if args.curve is None:
-        args.curve = [1, 2] if rt.fast else ([15, 30, 60, 120, 240] if args.part == "latent-vs-pixel" else [20, 40, 80])
+        args.curve = [1, 2] if rt.fast else ([15, 30, 60, 120, 240] if args.part == "latent-vs-pixel" else [40, 80, 160])
     if any(not math.isfinite(c) or c <= 0 for c in args.curve):
         raise SystemExit(f"--curve takes positive seconds of training, got {args.curve}")
     if rt.fast:

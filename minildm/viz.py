@@ -92,7 +92,7 @@ def save_figure(fig, path: str | Path) -> Path:
 def quality_over_time(result: dict, key: str, title: str):
     """The figure of a `benchmarks/claims.py` result: caption accuracy and FD / floor against seconds of training,
     one line per entry of result[key] ("spaces": pixel and latent; "factors": f = 1, 2, 4, 8). Returns the figure."""
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, run in result[key].items():
@@ -104,9 +104,14 @@ def quality_over_time(result: dict, key: str, title: str):
         a1.axhline(100 * result["target_caption"], color="gray", ls="--", lw=1, label="pixel model's final")
     a1.set_ylabel("captions right (%)")
     a2.set_ylabel("FD / real-data floor")
+    if "targets" in result and "fd_ratio" in result["targets"]:
+        a2.axhline(result["targets"]["fd_ratio"]["target"], color="gray", ls="--", lw=1, label="pixel model's final")
+    a2.axhline(1, color="black", ls=":", lw=1, label="real data (the floor)")
     a2.set_yscale("log")
-    for ticks in (a2.yaxis.set_major_formatter, a2.yaxis.set_minor_formatter):  # 1.5, not 1.5 x 10^0
-        ticks(FormatStrFormatter("%g"))
+    a2.set_ylim(bottom=min(a2.get_ylim()[0], 0.9))
+    a2.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # labels at 1, 2, 5, 10, 20: never crowded
+    a2.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 1.5, not 1.5 x 10^0
+    a2.yaxis.set_minor_formatter(NullFormatter())
     for ax in (a1, a2):
         ax.set_xlabel("seconds of training")
         ax.legend(fontsize=8)

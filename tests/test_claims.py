@@ -62,10 +62,37 @@ def test_both_parts_run_in_fast_mode(tmp_path, course_home, monkeypatch):
     assert set(result["spaces"]) == {"pixel", "latent"} and "not Inception" in result["feature_network"]
     assert result["target_caption"] == result["spaces"]["pixel"]["curve"][-1]["caption"]
     assert set(result["reach"]) == {"pixel", "latent"}
+    kept = result["spaces"]["latent"]["first_stage"]  # what the f=4 first stage keeps, measured before diffusion
+    assert kept["psnr"] > 0 and 0 <= kept["object"] <= 1 and 0 <= kept["object_real"] <= 1  # fast judge: weak
+    assert "first_stage" not in result["spaces"]["pixel"]
     claims.main(["f-study", "--f", "8", *common])
     result = json.loads((tmp_path / "claims_f_study.json").read_text())
     assert set(result["factors"]) == {"8"} and result["factors"]["8"]["latent_shape"] == [4, 4, 4]
+    assert {"psnr", "object", "caption"} <= set(result["factors"]["8"]["first_stage"])
     for name in ("claims_latent_vs_pixel.png", "claims_f_study.png"):
         assert (tmp_path / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="positive seconds"):
         claims.main(["f-study", "--curve", "0", *common[:3]])
+
+
+def test_fd_falls_to_its_target_and_gives_a_ratio_where_no_accuracy_is_a_level(tmp_path):
+    points = [{"seconds": 16, "fd_ratio": 2.36}, {"seconds": 30, "fd_ratio": 1.19}, {"seconds": 60, "fd_ratio": 1.24}]
+    # lower is better: 2.17 is reached between 16 s and 30 s, (2.36 - 2.17) / (2.36 - 1.19) of the way
+    reach = claims.first_reach(points, 2.17, "fd_ratio")
+    assert reach["first_point_s"] == 30 and reach["interpolated_s"] == pytest.approx(16 + 14 * 0.19 / 1.17)
+    assert claims.first_reach(points, 1.0, "fd_ratio")["first_point_s"] is None  # never down to the floor
+    assert claims.first_reach(points, 3.0, "fd_ratio")["at_first_point"]
+
+    def curve(*triples):  # (seconds, captions right, FD / floor)
+        return {"batch": 1, "curve": [{"seconds": s, "budget_s": s, "steps": 1, "caption": c, "object": c,
+                                       "fd_ratio": fd} for s, c, fd in triples]}
+
+    # the pixel model never follows a caption (0 of 256), but its FD falls: FD / floor is the level left to compare
+    result = {"device": "test", "gpu": "test", "n": 256, "guidance": 3.0, "sampler": "x", "feature_network": "judge",
+              "spaces": {"pixel": curve((60, 0.0, 3.0), (240, 0.0, 2.0)),
+                         "latent": curve((15, 0.0, 4.0), (30, 0.1, 1.5), (60, 0.5, 1.1))}}
+    done = claims.finish_latent_vs_pixel(result, tmp_path)
+    assert "latent_over_pixel_time" not in done and not done["targets"]["caption"]["usable"]
+    fd = done["targets"]["fd_ratio"]
+    assert fd["usable"] and fd["target"] == 2.0
+    assert fd["latent_over_pixel_time"] == pytest.approx((15 + 15 * 2.0 / 2.5) / 240)  # 4.0 -> 1.5: 80% of the way
