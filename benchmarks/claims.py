@@ -83,8 +83,9 @@ def first_reach(points: list[dict], target: float, key: str = "caption") -> dict
 
 
 def learning_curve(recipe, rt, ckpt: Path, judge, autoencoder, curve: list[float], n: int, steps: int,
-                   label: str) -> list[dict]:
-    """Train from scratch to each budget of `curve` in turn (resuming the same checkpoint) and evaluate there."""
+                   label: str, on_point=None) -> list[dict]:
+    """Train from scratch to each budget of `curve` in turn (resuming the same checkpoint) and evaluate there;
+    `on_point(points)` after every evaluation (to save them: a run cut short keeps what it measured)."""
     ckpt.unlink(missing_ok=True)
     torch.manual_seed(0)  # the same initial weights whether this runs alone or after other parts in one process
     recipe.train.steps = 10**6  # seconds end every run, not the recipe's step count
@@ -107,6 +108,8 @@ def learning_curve(recipe, rt, ckpt: Path, judge, autoencoder, curve: list[float
                  "caption": s["caption"], "object": s["object"], "fd": s["fd"], "fd_floor": scores["fd_real_floor"],
                  "fd_ratio": s["fd_ratio"], "eval_seconds": time.perf_counter() - start}
         points.append(point)
+        if on_point is not None:
+            on_point(points)
         print(f"  {label:10} {point['seconds']:6.0f} s, {point['steps']:5d} steps: captions {point['caption']:6.1%}, "
               f"objects {point['object']:6.1%}, FD/floor {point['fd_ratio']:6.2f} (eval {point['eval_seconds']:.0f} s)",
               flush=True)
@@ -172,12 +175,23 @@ def cmd_latent_vs_pixel(args, rt) -> dict:
         kept = first_stage(autoencoder, judge, rt, args.n) if space == "latent" else None
         print(f"{space}: batch {recipe.train.batch_size}, curve {sorted(args.curve)} s"
               + (f"; f=4 first stage: {first_stage_line(kept)}" if kept else ""), flush=True)
-        run = {"batch": recipe.train.batch_size, **({"first_stage": kept} if kept else {}),
-               "curve": learning_curve(recipe, rt, args.out / f"claims_{space}.pt", judge,
-                                       autoencoder if space == "latent" else None, args.curve, args.n, args.steps,
-                                       space)}
-        result = merged(args.out / "claims_latent_vs_pixel.json", "spaces", {space: run}, common_info(rt, args))
+        run = {"batch": recipe.train.batch_size, **({"first_stage": kept} if kept else {})}
+        path, info = args.out / "claims_latent_vs_pixel.json", common_info(rt, args)
+        run["curve"] = learning_curve(recipe, rt, args.out / f"claims_{space}.pt", judge,
+                                      autoencoder if space == "latent" else None, args.curve, args.n, args.steps,
+                                      space, on_point=keeper(path, "spaces", space, run, info))
+        result = merged(path, "spaces", {space: {**run, "finished": True}}, info)
     return finish_latent_vs_pixel(result, args.out)
+
+
+def keeper(path: Path, key: str, name: str, run: dict, info: dict):
+    """Saves a curve as it grows, marked unfinished: a command stopped by the device's time limit keeps its points."""
+    return lambda points: merged(path, key, {name: {**run, "curve": points, "finished": False}}, info)
+
+
+def unfinished_lines(runs: dict) -> list[str]:
+    return [f"{name}: cut short after {run['curve'][-1]['seconds']:.0f} s of training (its command did not finish)"
+            for name, run in runs.items() if run.get("finished") is False]
 
 
 MIN_RIGHT = 10  # a target the pixel model meets for fewer of the n captions than this is noise, not a level
@@ -224,6 +238,7 @@ def table_latent_vs_pixel(result: dict) -> str:
         for p in run["curve"]:
             lines.append(f"| {space} | {run['batch']} | {p['seconds']:.0f} | {p['steps']} | {p['caption']:.1%} | "
                          f"{p['object']:.1%} | {p['fd_ratio']:.2f} |")
+    lines += unfinished_lines(result["spaces"])
     kept = result["spaces"].get("latent", {}).get("first_stage")
     if kept:
         lines.append(f"the latent model's f=4 first stage on n held-out images: {first_stage_line(kept)}")
@@ -269,11 +284,12 @@ def cmd_f_study(args, rt) -> dict:
               f"curve {sorted(args.curve)} s", flush=True)
         run = {"batch": recipe.train.batch_size, "latent_shape": list(shape),
                "autoencoder_seconds": ae_history[-1]["seconds"], "autoencoder_steps": ae_history[-1]["step"],
-               "first_stage": kept,
-               "curve": learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder, args.curve,
-                                       args.n, args.steps, f"f={f}")}
-        result = merged(args.out / "claims_f_study.json", "factors", {str(f): run},
-                        {**common_info(rt, args), "ae_seconds": None if rt.fast else args.ae_seconds})
+               "first_stage": kept}
+        path = args.out / "claims_f_study.json"
+        info = {**common_info(rt, args), "ae_seconds": None if rt.fast else args.ae_seconds}
+        run["curve"] = learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder, args.curve,
+                                      args.n, args.steps, f"f={f}", on_point=keeper(path, "factors", str(f), run, info))
+        result = merged(path, "factors", {str(f): {**run, "finished": True}}, info)
     return finish_f_study(result, args.out)
 
 
@@ -303,6 +319,7 @@ def table_f_study(result: dict) -> str:
         stage = f"{kept['psnr']:.1f} dB, {kept['object']:.1%}" if kept else "-"
         lines.append(f"| {f} | {'x'.join(map(str, run['latent_shape']))} | {run['batch']} | {stage} | "
                      + " | ".join(cells) + " |")
+    lines += unfinished_lines({f"f={f}": run for f, run in result["factors"].items()})
     return "\n".join(lines)
 
 

@@ -62,6 +62,7 @@ def test_both_parts_run_in_fast_mode(tmp_path, course_home, monkeypatch):
     assert set(result["spaces"]) == {"pixel", "latent"} and "not Inception" in result["feature_network"]
     assert result["target_caption"] == result["spaces"]["pixel"]["curve"][-1]["caption"]
     assert set(result["reach"]) == {"pixel", "latent"}
+    assert all(run["finished"] for run in result["spaces"].values())
     kept = result["spaces"]["latent"]["first_stage"]  # what the f=4 first stage keeps, measured before diffusion
     assert kept["psnr"] > 0 and 0 <= kept["object"] <= 1 and 0 <= kept["object_real"] <= 1  # fast judge: weak
     assert "first_stage" not in result["spaces"]["pixel"]
@@ -96,3 +97,16 @@ def test_fd_falls_to_its_target_and_gives_a_ratio_where_no_accuracy_is_a_level(t
     fd = done["targets"]["fd_ratio"]
     assert fd["usable"] and fd["target"] == 2.0
     assert fd["latent_over_pixel_time"] == pytest.approx((15 + 15 * 2.0 / 2.5) / 240)  # 4.0 -> 1.5: 80% of the way
+
+
+def test_a_curve_is_saved_as_it_grows_and_a_cut_short_one_says_so(tmp_path):
+    info = {"device": "test", "gpu": "test", "fast": False, "n": 256, "guidance": 3.0, "sampler": "x",
+            "feature_network": "judge", "curve_s": [15, 30]}
+    path = tmp_path / "claims_latent_vs_pixel.json"
+    point = {"seconds": 15.2, "budget_s": 15, "steps": 50, "caption": 0.0, "object": 0.0, "fd_ratio": 3.0}
+    claims.keeper(path, "spaces", "pixel", {"batch": 32}, info)([point])  # the command stops here (time limit)
+    saved = json.loads(path.read_text())
+    assert saved["spaces"]["pixel"] == {"batch": 32, "curve": [point], "finished": False}
+    assert "pixel: cut short after 15 s" in claims.table_latent_vs_pixel(saved)
+    claims.merged(path, "spaces", {"pixel": {"batch": 32, "curve": [point], "finished": True}}, info)
+    assert "cut short" not in claims.table_latent_vs_pixel(json.loads(path.read_text()))
