@@ -29,13 +29,17 @@
 
 Each part writes claims_<part>.json (merged with an earlier invocation's spaces or factors, so the parts can run in
 separate commands) and claims_<part>.png, and prints a table. Every run trains from scratch (its diffusion
-checkpoints in --out are deleted first). The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80
-s). GPU time on one H200 (session 14), per invocation: `--spaces pixel` 394 s with the judge's 80 s (5 budgets up to
-240 s, 5 evaluations, a checkpoint loaded and saved at each budget), `--spaces latent` 400 s with the f=4
-autoencoder's 120 s; one f of (b) with the defaults about 5.3 min (estimated from the same runs: 120 s + 160 s of
-training, 3 evaluations). A whole part in one command would pass the device's 10 minutes: split as shown, into one
---out (each part's JSON is written after every space or factor and merged with the earlier ones; parts measured with
-another n, sampler, guidance or GPU model are refused).
+checkpoints in --out are deleted first), unless --resume: then a space or factor the JSON already has goes on from
+its checkpoint in --out (left there by an earlier command on the same machine) to the --curve budgets past its last
+point, so a curve longer than one device call (10 minutes) is measured in several, e.g. the pixel model to 960 s:
+`--spaces pixel --curve 15 30 60 120 240 480`, then the same with `--curve 960 --resume`.
+The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80 s). GPU time on one H200 (session 14), per
+invocation: `--spaces pixel` 394 s with the judge's 80 s (5 budgets up to 240 s, 5 evaluations, a checkpoint loaded
+and saved at each budget), `--spaces latent` 400 s with the f=4 autoencoder's 120 s; one f of (b) with the defaults
+about 5.3 min (estimated from the same runs: 120 s + 160 s of training, 3 evaluations). A whole part in one command
+would pass the device's 10 minutes: split as shown, into one --out (each part's JSON is written after every
+evaluation and merged with the earlier ones; parts measured with another n, sampler, guidance or GPU model are
+refused).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
 the budget is checked every 10 steps. Every model trains eagerly (no torch.compile: each budget resumes in a new
 Trainer, which would compile again, about 30 s a time). The eager latent step at batch 256 is launch-bound on a big
@@ -83,17 +87,25 @@ def first_reach(points: list[dict], target: float, key: str = "caption") -> dict
 
 
 def learning_curve(recipe, rt, ckpt: Path, judge, autoencoder, curve: list[float], n: int, steps: int,
-                   label: str, on_point=None) -> list[dict]:
+                   label: str, on_point=None, earlier: list[dict] | None = None) -> list[dict]:
     """Train from scratch to each budget of `curve` in turn (resuming the same checkpoint) and evaluate there;
-    `on_point(points)` after every evaluation (to save them: a run cut short keeps what it measured)."""
-    ckpt.unlink(missing_ok=True)
-    torch.manual_seed(0)  # the same initial weights whether this runs alone or after other parts in one process
+    `on_point(points)` after every evaluation (to save them: a run cut short keeps what it measured).
+    `earlier`: the points of an earlier command on the same checkpoint (--resume): training goes on from it, and
+    only the budgets past its last point are trained and evaluated."""
+    points = list(earlier or [])
+    if not points:
+        ckpt.unlink(missing_ok=True)
+        torch.manual_seed(0)  # the same initial weights whether this runs alone or after other parts in one process
+    elif not ckpt.is_file():
+        raise SystemExit(f"--resume: {label} has {len(points)} points in the JSON but no checkpoint {ckpt} to go on "
+                         "from (a new machine starts without it); run without --resume to train from scratch")
     recipe.train.steps = 10**6  # seconds end every run, not the recipe's step count
     recipe.train.log_every = 10  # the budget is checked at log lines: overshoot at most 10 steps (< 2 s)
     recipe.train.ckpt_every = 10**9  # no 1-GB saves inside the clock: fit() saves at its end, outside it
     shape = (recipe.unet.in_channels, recipe.unet.image_size, recipe.unet.image_size)
-    points = []
     for budget in sorted(curve):
+        if points and budget <= points[-1]["budget_s"]:  # measured by the earlier command
+            continue
         recipe.train.max_seconds = budget
         denoiser, schedule, history = train_diffusion(recipe, rt, ckpt, autoencoder=autoencoder, progress=False)
         if points and history[-1]["step"] == points[-1]["steps"]:  # the last run overshot this budget already
@@ -179,7 +191,8 @@ def cmd_latent_vs_pixel(args, rt) -> dict:
         path, info = args.out / "claims_latent_vs_pixel.json", common_info(rt, args)
         run["curve"] = learning_curve(recipe, rt, args.out / f"claims_{space}.pt", judge,
                                       autoencoder if space == "latent" else None, args.curve, args.n, args.steps,
-                                      space, on_point=keeper(path, "spaces", space, run, info))
+                                      space, on_point=keeper(path, "spaces", space, run, info),
+                                      earlier=earlier_points(args, path, "spaces", space))
         result = merged(path, "spaces", {space: {**run, "finished": True}}, info)
     return finish_latent_vs_pixel(result, args.out)
 
@@ -187,6 +200,16 @@ def cmd_latent_vs_pixel(args, rt) -> dict:
 def keeper(path: Path, key: str, name: str, run: dict, info: dict):
     """Saves a curve as it grows, marked unfinished: a command stopped by the device's time limit keeps its points."""
     return lambda points: merged(path, key, {name: {**run, "curve": points, "finished": False}}, info)
+
+
+def earlier_points(args, path: Path, key: str, name: str) -> list[dict] | None:
+    """With --resume, the curve an earlier command measured for this space or factor (None: train from scratch)."""
+    if not args.resume:
+        return None
+    earlier = json.loads(path.read_text()).get(key, {}).get(name, {}).get("curve") if path.exists() else None
+    if not earlier:
+        print(f"--resume: no earlier points for {name} in {path}: training it from scratch", flush=True)
+    return earlier
 
 
 def unfinished_lines(runs: dict) -> list[str]:
@@ -288,7 +311,8 @@ def cmd_f_study(args, rt) -> dict:
         path = args.out / "claims_f_study.json"
         info = {**common_info(rt, args), "ae_seconds": None if rt.fast else args.ae_seconds}
         run["curve"] = learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder, args.curve,
-                                      args.n, args.steps, f"f={f}", on_point=keeper(path, "factors", str(f), run, info))
+                                      args.n, args.steps, f"f={f}", on_point=keeper(path, "factors", str(f), run, info),
+                                      earlier=earlier_points(args, path, "factors", str(f)))
         result = merged(path, "factors", {str(f): {**run, "finished": True}}, info)
     return finish_f_study(result, args.out)
 
@@ -367,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--out", type=Path, default=Path("runs/claims"))
         s.add_argument("--fast", action="store_true", help="tiny configs on a CPU (same as MINILDM_FAST=1)")
     for s in (a, b):
+        s.add_argument("--resume", action="store_true",
+                       help="go on from the checkpoints and JSON an earlier command left in --out (the same machine): "
+                            "train and evaluate only the --curve budgets past its last point")
         s.add_argument("-n", type=int, default=None, help="held-out captions per evaluation (default 256; fast: 8)")
         s.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps per sample (default 20)")
     args = parser.parse_args(argv)

@@ -6,7 +6,9 @@
 #                                $CLAIMS has no result yet, the committed one (benchmarks/results/h200/) is the
 #                                start, so one space can run again against the other's measured curve (claims.py
 #                                refuses it if that was measured with other settings or on another GPU model);
-#                                CURVE="15 30 60 120 240 480" sets --curve (480 s of pixel training: about 9.5 min)
+#                                CURVE="15 30 60 120 240 480" sets --curve (480 s of pixel training: about 9.5 min),
+#                                RESUME=1 adds --resume (go on from the checkpoint of the last call on this machine:
+#                                CURVE=960 RESUME=1 ... pixel takes that pixel model on to 960 s)
 #        f1 | f2 | f4 | f8       (b) the f-study, one factor each (about 5 min each with the defaults)
 #        nb:<notebook>           run a notebook (scripts/run_notebooks.py), after copying the claims' JSON into
 #                                benchmarks/results/h200/ for 11b's plots
@@ -26,8 +28,9 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"; start=$SECONDS
   case $step in
     pixel|latent) cp -n benchmarks/results/h200/claims_latent_vs_pixel.json "$CLAIMS/" 2>/dev/null
-                  python3 benchmarks/claims.py latent-vs-pixel --spaces "$step" --out "$CLAIMS" ${CURVE:+--curve $CURVE} ;;
-    f1|f2|f4|f8) python3 benchmarks/claims.py f-study --f "${step#f}" --out "$CLAIMS" ${CURVE:+--curve $CURVE} ;;
+                  python3 benchmarks/claims.py latent-vs-pixel --spaces "$step" --out "$CLAIMS" ${CURVE:+--curve $CURVE} ${RESUME:+--resume} ;;
+    f1|f2|f4|f8) python3 benchmarks/claims.py f-study --f "${step#f}" --out "$CLAIMS" ${CURVE:+--curve $CURVE} \
+                   ${RESUME:+--resume} ;;
     nb:*) mkdir -p benchmarks/results/h200 && cp "$CLAIMS"/claims_*.json benchmarks/results/h200/ 2>/dev/null
           python3 scripts/run_notebooks.py "${step#nb:}" --out "$OUT" ;;
     *) echo "unknown step $step (pixel, latent, f1, f2, f4, f8, nb:<notebook>)"; exit 2 ;;

@@ -110,3 +110,18 @@ def test_a_curve_is_saved_as_it_grows_and_a_cut_short_one_says_so(tmp_path):
     assert "pixel: cut short after 15 s" in claims.table_latent_vs_pixel(saved)
     claims.merged(path, "spaces", {"pixel": {"batch": 32, "curve": [point], "finished": True}}, info)
     assert "cut short" not in claims.table_latent_vs_pixel(json.loads(path.read_text()))
+
+
+def test_resume_goes_on_from_the_checkpoint_and_keeps_the_earlier_points(tmp_path, course_home, monkeypatch):
+    monkeypatch.setenv("MINILDM_HOME", str(course_home))
+    common = ["latent-vs-pixel", "--spaces", "pixel", "--fast", "--out", str(tmp_path), "-n", "4", "--steps", "2"]
+    claims.main([*common, "--curve", "0.5"])
+    first = json.loads((tmp_path / "claims_latent_vs_pixel.json").read_text())["spaces"]["pixel"]["curve"]
+    later = round(first[0]["seconds"] + 2, 1)  # a budget past what the first command trained (10 steps: seconds)
+    claims.main([*common, "--curve", "0.5", str(later), "--resume"])  # only the later budget is new
+    curve = json.loads((tmp_path / "claims_latent_vs_pixel.json").read_text())["spaces"]["pixel"]["curve"]
+    assert curve[0] == first[0] and [p["budget_s"] for p in curve] == [0.5, later]
+    assert curve[1]["steps"] > curve[0]["steps"] and curve[1]["seconds"] > curve[0]["seconds"]  # went on, not anew
+    (tmp_path / "claims_pixel.pt").unlink()  # e.g. a new machine: nothing to go on from
+    with pytest.raises(SystemExit, match="no checkpoint .* run without --resume"):
+        claims.main([*common, "--curve", str(later + 5), "--resume"])
