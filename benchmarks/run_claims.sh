@@ -28,7 +28,8 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"; start=$SECONDS
   case $step in
     pixel|latent) cp -n benchmarks/results/h200/claims_latent_vs_pixel.json "$CLAIMS/" 2>/dev/null
-                  python3 benchmarks/claims.py latent-vs-pixel --spaces "$step" --out "$CLAIMS" ${CURVE:+--curve $CURVE} ${RESUME:+--resume} ;;
+                  python3 benchmarks/claims.py latent-vs-pixel --spaces "$step" --out "$CLAIMS" \
+                    ${CURVE:+--curve $CURVE} ${RESUME:+--resume} ;;
     f1|f2|f4|f8) python3 benchmarks/claims.py f-study --f "${step#f}" --out "$CLAIMS" ${CURVE:+--curve $CURVE} \
                    ${RESUME:+--resume} ;;
     nb:*) mkdir -p benchmarks/results/h200 && cp "$CLAIMS"/claims_*.json benchmarks/results/h200/ 2>/dev/null
