@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from minildm.checkpoint import load_checkpoint, save_checkpoint
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "claims.py"
 spec = importlib.util.spec_from_file_location("claims", SCRIPT)
 claims = importlib.util.module_from_spec(spec)
@@ -36,6 +38,9 @@ def test_a_second_invocation_adds_its_entries_and_refuses_other_settings(tmp_pat
         claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "n": 16, "curve_s": [15]})
     with pytest.raises(SystemExit, match="gpu 'NVIDIA H200', now 'NVIDIA H100'"):  # seconds on another GPU model
         claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "gpu": "NVIDIA H100", "curve_s": [15]})
+    # a setting only one side records counts as different: 120-s first stages are not mixed into an older result
+    with pytest.raises(SystemExit, match="ae_seconds None, now 120"):
+        claims.merged(path, "spaces", {"latent": {"batch": 256}}, {**info, "ae_seconds": 120, "curve_s": [15]})
 
 
 def test_a_pixel_target_too_low_to_be_a_level_gives_no_ratio_and_a_rerun_drops_a_stale_one(tmp_path):
@@ -104,7 +109,7 @@ def test_a_curve_is_saved_as_it_grows_and_a_cut_short_one_says_so(tmp_path):
             "feature_network": "judge", "curve_s": [15, 30]}
     path = tmp_path / "claims_latent_vs_pixel.json"
     point = {"seconds": 15.2, "budget_s": 15, "steps": 50, "caption": 0.0, "object": 0.0, "fd_ratio": 3.0}
-    claims.keeper(path, "spaces", "pixel", {"batch": 32}, info)([point])  # the command stops here (time limit)
+    claims.save_as_it_grows(path, "spaces", "pixel", {"batch": 32}, info)([point])  # the command stops here (time limit)
     saved = json.loads(path.read_text())
     assert saved["spaces"]["pixel"] == {"batch": 32, "curve": [point], "finished": False}
     assert "pixel: cut short after 15 s" in claims.table_latent_vs_pixel(saved)
@@ -121,7 +126,55 @@ def test_resume_goes_on_from_the_checkpoint_and_keeps_the_earlier_points(tmp_pat
     claims.main([*common, "--curve", "0.5", str(later), "--resume"])  # only the later budget is new
     curve = json.loads((tmp_path / "claims_latent_vs_pixel.json").read_text())["spaces"]["pixel"]["curve"]
     assert curve[0] == first[0] and [p["budget_s"] for p in curve] == [0.5, later]
-    assert curve[1]["steps"] > curve[0]["steps"] and curve[1]["seconds"] > curve[0]["seconds"]  # went on, not anew
+    history = load_checkpoint(tmp_path / "claims_pixel.pt")["history"]  # went on: the first point is in its past
+    assert any(h["step"] == first[0]["steps"] and h["seconds"] == first[0]["seconds"] for h in history)
+    assert curve[1]["steps"] > curve[0]["steps"]
     (tmp_path / "claims_pixel.pt").unlink()  # e.g. a new machine: nothing to go on from
     with pytest.raises(SystemExit, match="no checkpoint .* run without --resume"):
         claims.main([*common, "--curve", str(later + 5), "--resume"])
+
+
+def test_resume_refuses_a_checkpoint_that_did_not_make_the_last_point(tmp_path):
+    ckpt = tmp_path / "claims_pixel.pt"
+    save_checkpoint(ckpt, {"history": [{"step": 10, "seconds": 1.5}, {"step": 20, "seconds": 3.1}]})
+    claims.check_resumable(ckpt, {"steps": 20, "seconds": 3.1}, "pixel")  # its own last point: goes on
+    with pytest.raises(SystemExit, match="not the checkpoint of pixel's last point"):
+        claims.check_resumable(ckpt, {"steps": 1530, "seconds": 241.3}, "pixel")  # another run's points
+
+
+def test_a_command_stopped_mid_curve_has_saved_its_first_points(tmp_path, course_home, monkeypatch):
+    monkeypatch.setenv("MINILDM_HOME", str(course_home))
+    calls, train = [], claims.train_diffusion
+
+    def stopped_at_the_second_budget(*args, **kwargs):  # as the device's time limit would stop it
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(claims, "train_diffusion", stopped_at_the_second_budget)
+    with pytest.raises(KeyboardInterrupt):
+        claims.main(["latent-vs-pixel", "--spaces", "pixel", "--fast", "--out", str(tmp_path), "-n", "4", "--steps",
+                     "2", "--curve", "0.5", "600"])
+    saved = json.loads((tmp_path / "claims_latent_vs_pixel.json").read_text())
+    assert saved["spaces"]["pixel"]["finished"] is False and len(saved["spaces"]["pixel"]["curve"]) == 1
+    assert "pixel: cut short" in claims.table_latent_vs_pixel(saved)
+
+
+def test_no_ratio_from_a_cut_short_or_first_point_pixel_time_and_at_most_from_a_first_point_latent_time(tmp_path):
+    def curve(*pairs, finished=True):  # (seconds, FD / floor)
+        return {"batch": 1, "finished": finished,
+                "curve": [{"seconds": s, "budget_s": s, "steps": 1, "caption": 0.0, "object": 0.0, "fd_ratio": fd}
+                          for s, fd in pairs]}
+
+    base = {"device": "test", "gpu": "test", "n": 256, "guidance": 3.0, "sampler": "x", "feature_network": "judge"}
+    fd = claims.finish_latent_vs_pixel(
+        {**base, "spaces": {"pixel": curve((60, 3.0), (240, 2.0)), "latent": curve((15, 1.5))}}, tmp_path)
+    fd = fd["targets"]["fd_ratio"]
+    assert fd["latent_over_pixel_time"] == pytest.approx(15 / 240) and fd["at_most"]  # latent there by 15 s or sooner
+    for pixel, why in ((curve((60, 3.0), (240, 2.0), finished=False), "cut short"),
+                       (curve((240, 2.0)), "first point")):
+        done = claims.finish_latent_vs_pixel({**base, "spaces": {"pixel": pixel, "latent": curve((15, 1.5))}},
+                                             tmp_path)
+        assert "latent_over_pixel_time" not in done["targets"]["fd_ratio"]
+        assert why in done["targets"]["fd_ratio"]["no_ratio"]
