@@ -149,7 +149,7 @@ def check_resumable(ckpt: Path, last: dict, label: str) -> None:
                          f"{last['steps']}, {last['seconds']} s); run without --resume to train from scratch")
 
 
-def first_stage(autoencoder, judge, rt, n: int) -> dict:
+def first_stage_scores(autoencoder, judge, rt, n: int) -> dict:
     """What the first stage keeps, which caps what any diffusion model on its latents can draw: mean PSNR of its
     reconstructions of n held-out images, and the judge's object and caption accuracy on them and on the originals."""
     scores = evaluate_autoencoder(autoencoder, judge, rt, n=n)
@@ -217,7 +217,7 @@ def cmd_latent_vs_pixel(args, rt) -> dict:
             autoencoder, _ = train_autoencoder(autoencoder_recipe("kl", 4, fast=rt.fast), rt, ae_path, progress=False)
             autoencoder.requires_grad_(False)
             recipe = diffusion_recipe("latent", fast=rt.fast, latent_shape=autoencoder.cfg.latent_shape)
-        stage = first_stage(autoencoder, judge, rt, args.n) if space == "latent" else None
+        stage = first_stage_scores(autoencoder, judge, rt, args.n) if space == "latent" else None
         print(f"{space}: batch {recipe.train.batch_size}, curve {sorted(args.curve)} s"
               + (f"; f=4 first stage: {first_stage_line(stage)}" if stage else ""), flush=True)
         run = {"batch": recipe.train.batch_size, **({"first_stage": stage} if stage else {})}
@@ -345,7 +345,7 @@ def cmd_f_study(args, rt) -> dict:
         if not rt.fast:
             recipe.train.batch_size = F_BATCH[f]
         shape = autoencoder.cfg.latent_shape
-        stage = first_stage(autoencoder, judge, rt, args.n)
+        stage = first_stage_scores(autoencoder, judge, rt, args.n)
         print(f"f={f}: latents {'x'.join(map(str, shape))}, autoencoder {ae_history[-1]['seconds']:.0f} s "
               f"({ae_history[-1]['step']} steps): {first_stage_line(stage)}; diffusion batch "
               f"{recipe.train.batch_size}, curve {sorted(args.curve)} s", flush=True)
@@ -382,9 +382,9 @@ def table_f_study(result: dict) -> str:
         at = {p["budget_s"]: p for p in run["curve"]}  # a budget the run had passed already has no point of its own
         cells = [f"{at[b]['caption']:.1%} ({at[b]['object']:.1%}) / {at[b]['fd_ratio']:.2f}" if b in at else "-"
                  for b in curve]
-        stage = run.get("first_stage")
-        kept = f"{stage['psnr']:.1f} dB, {stage['object']:.1%}" if stage else "-"
-        lines.append(f"| {f} | {'x'.join(map(str, run['latent_shape']))} | {run['batch']} | {kept} | "
+        scores = run.get("first_stage")
+        stage = f"{scores['psnr']:.1f} dB, {scores['object']:.1%}" if scores else "-"
+        lines.append(f"| {f} | {'x'.join(map(str, run['latent_shape']))} | {run['batch']} | {stage} | "
                      + " | ".join(cells) + " |")
     lines += unfinished_lines({f"f={f}": run for f, run in result["factors"].items()})
     return "\n".join(lines)

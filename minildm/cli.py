@@ -638,6 +638,7 @@ def cmd_data(args) -> int:
     import torch
 
     from minildm.data.datasets import DATASETS
+    from minildm.viz import save_grid
 
     name = args.dataset.lower().strip()
     if name not in DATASETS:
@@ -661,8 +662,6 @@ def cmd_data(args) -> int:
         where = f"the images under {root}" if split == "folder" else f"{split} split"
         skipped = f"; {len(data.skipped)} unreadable files skipped" if data.skipped else ""
         total = f"a random sample of {where}{skipped}"
-    from minildm.viz import save_grid
-
     path = save_grid(args.out, images, nrow=8, captions=captions)
     print(f"wrote {path} ({len(images)} images of {args.dataset}, {total})")
     return 0
