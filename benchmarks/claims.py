@@ -2,7 +2,7 @@
 
     python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) 6.5 min on one H200,
     python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     then 6.5 min
-    python benchmarks/claims.py f-study --f 1 --out runs/claims                     # (b) about 5.3 min per f
+    python benchmarks/claims.py f-study --f 1 --out runs/claims                     # (b) about 4.5 min per f
     python benchmarks/claims.py f-study --f 2 --out runs/claims                     #     (benchmarks/run_claims.sh
     ...                                                                             #     runs them one by one)
     python benchmarks/claims.py plot --out runs/claims                 # tables and PNGs again from the JSON
@@ -36,8 +36,8 @@ point, so a curve longer than one device call (10 minutes) is measured in severa
 The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80 s). GPU time on one H200 (session 14), per
 invocation as the script counts it (the whole command about 12 s more): `--spaces pixel` 383 s with the judge's 80 s
 (5 budgets up to 240 s, 5 evaluations, a checkpoint loaded and saved at each budget), `--spaces latent` 386 s with
-the f=4 autoencoder's 120 s; one f of (b) with the defaults about 5.3 min (estimated from the same runs: 120 s + 160
-s of training, 3 evaluations); the pixel curve to 480 s about 9.3 min, so only with the judge trained by an earlier
+the f=4 autoencoder's 120 s; one f of (b) with the defaults about 4.5 min (estimated from the same runs: 120 s + 120
+s of training, 3 evaluations: two factors fit one call); the pixel curve to 480 s about 9.3 min, so only with the judge trained by an earlier
 command. A whole part in one command would pass the device's 10 minutes: split as shown, into one --out (each part's
 JSON is written after every evaluation and merged with the earlier ones; parts measured with another n, sampler,
 guidance, feature network, GPU model, first-stage seconds or mode are refused before anything trains).
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("f-study", help="(b): latent diffusion with f = 1, 2, 4, 8 at the same budget")
     b.add_argument("--f", type=int, nargs="+", choices=[1, 2, 4, 8], default=[1, 2, 4, 8])
     b.add_argument("--curve", type=float, nargs="+", default=None,
-                   help="seconds of training at which to evaluate (default 40 80 160; fast: 1 2)")
+                   help="seconds of training at which to evaluate (default 30 60 120; fast: 1 2)")
     b.add_argument("--ae-seconds", type=float, default=120,
                    help="training seconds of each autoencoder (default 120)")
     p = sub.add_parser("plot", help="tables and PNGs again from the JSON files in --out")
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n is None:
         args.n = 8 if rt.fast else 256
     if args.curve is None:
-        full = [15, 30, 60, 120, 240] if args.part == "latent-vs-pixel" else [40, 80, 160]
+        full = [15, 30, 60, 120, 240] if args.part == "latent-vs-pixel" else [30, 60, 120]
         args.curve = [1, 2] if rt.fast else full
     if any(not math.isfinite(c) or c <= 0 for c in args.curve):
         raise SystemExit(f"--curve takes positive seconds of training, got {args.curve}")

@@ -12,13 +12,18 @@
 #                  min, after `judge`); RESUME=1 adds --resume (going on from the checkpoint of an earlier call on
 #                  this machine: CURVE=960 RESUME=1 ... pixel takes that pixel model on to 960 s). CURVE and RESUME
 #                  apply to every step of the call.
-#   f1 f2 f4 f8    (b) the f-study, one factor each (about 5.3 min each with the defaults), from scratch in $CLAIMS
+#   f1 f2 f4 f8    (b) the f-study, one factor each (about 4.5 min each with the defaults), from scratch in $CLAIMS
 #                  (the committed f-study was measured with other first-stage seconds: claims.py would refuse it)
 #   nb:<notebook>  run a notebook (scripts/run_notebooks.py) after copying $CLAIMS's JSON into
 #                  benchmarks/results/h200/ for 11b's plots (a partial f-study replaces the committed one there)
 # Needs the Jupyter wheels in .whl/ (../shared/tools/gpu-wheels.sh) for nb:, and $MINILDM_DATA (or data/) with
 # MNIST and cifar10-test for the real-data notebooks. Results: $OUT/claims/ (JSON, PNG) and $OUT/log_<step>.txt.
 # A step the device stops at its time limit leaves its saved points in $CLAIMS only: the next call copies them out.
+# With no STEP it only installs the wheels. On a machine of several GPUs, give each GPU a lane of its own, with its
+# own $CLAIMS and $OUT (the wheels installed first, once), and merge nothing by hand: one lane per part's JSON, e.g.
+#   bash benchmarks/run_claims.sh && (CUDA_VISIBLE_DEVICES=0 CLAIMS=/tmp/c0 OUT=$OUT/gpu0 bash benchmarks/run_claims.sh
+#   pixel & CUDA_VISIBLE_DEVICES=1 CLAIMS=/tmp/c1 OUT=$OUT/gpu1 bash benchmarks/run_claims.sh f8 f4 & wait)
+# Each lane times its own GPU alone; two lanes share the host's CPU cores (32 on a two-H200 machine).
 set -u -o pipefail
 OUT=${OUT:-runs/claims_out}; CLAIMS=${CLAIMS:-/tmp/claims}
 for step in "$@"; do
