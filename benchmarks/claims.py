@@ -2,7 +2,7 @@
 
     python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) 6.5 min on one H200,
     python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     then 6.5 min
-    python benchmarks/claims.py f-study --f 1 --out runs/claims                     # (b) about 4.5 min per f
+    python benchmarks/claims.py f-study --f 1 --out runs/claims                     # (b) about 4.7 min per f
     python benchmarks/claims.py f-study --f 2 --out runs/claims                     #     (benchmarks/run_claims.sh
     ...                                                                             #     runs them one by one)
     python benchmarks/claims.py plot --out runs/claims                 # tables and PNGs again from the JSON
@@ -36,9 +36,9 @@ point, so a curve longer than one device call (10 minutes) is measured in severa
 The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80 s). GPU time on one H200 (session 14), per
 invocation as the script counts it (the whole command about 12 s more): `--spaces pixel` 383 s with the judge's 80 s
 (5 budgets up to 240 s, 5 evaluations, a checkpoint loaded and saved at each budget), `--spaces latent` 386 s with
-the f=4 autoencoder's 120 s; one f of (b) with the defaults about 4.5 min (estimated from the same runs: 120 s + 120
-s of training, 3 evaluations: two factors fit one call); the pixel curve to 480 s about 9.3 min, so only with the judge trained by an earlier
-command. A whole part in one command would pass the device's 10 minutes: split as shown, into one --out (each part's
+the f=4 autoencoder's 120 s. Session 15, on one GPU of a two-H200 machine: one f of (b) with the defaults 264-285 s
+(120 s + 120 s of training, 3 evaluations: two factors fit one call); the pixel curve to 480 s 564 s, so only with
+the judge trained by an earlier command, then on to 960 s with --resume 495 s. A whole part in one command would pass the device's 10 minutes: split as shown, into one --out (each part's
 JSON is written after every evaluation and merged with the earlier ones; parts measured with another n, sampler,
 guidance, feature network, GPU model, first-stage seconds or mode are refused before anything trains).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
