@@ -1,6 +1,6 @@
 """The LDM paper's two central claims, measured small on Shapes (stage 11): by quality, not only by speed.
 
-    python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) 6.5 min on one H200,
+    python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) 18 min on one H200,
     python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     then 6.5 min
     python benchmarks/claims.py f-study --f 1 --out runs/claims                     # (b) about 4.7 min per f
     python benchmarks/claims.py f-study --f 2 --out runs/claims                     #     (benchmarks/run_claims.sh
@@ -10,7 +10,8 @@
 
 (a) **Latent vs pixel at equal wall time, by quality** (LDM Sec. 4.1, Fig. 6's message): the same UNet recipe
     trained in pixel space (3x64x64, batch 32) and on the 4x16x16 latents of the f=4 KL autoencoder (batch 256), each
-    for up to the largest budget, evaluated along the way at the --curve points (seconds of training): caption
+    for up to its largest budget, evaluated along the way at the --curve points (seconds of training; by default the
+    latent model to 240 s and the pixel model, which follows hardly any caption before about 500 s, to 960 s): caption
     accuracy read by the Shapes judge and FD / real-data floor on the judge's features (`evaluate_text_to_image`: n
     held-out captions, guidance 3, DPM-Solver++(2M) 20 steps). The result also holds the wall time at which each
     model first reaches the pixel model's final caption accuracy, object accuracy and FD / floor (the first curve
@@ -31,16 +32,17 @@ Each part writes claims_<part>.json (merged with an earlier invocation's spaces 
 separate commands) and claims_<part>.png, and prints a table. Every run trains from scratch (its diffusion
 checkpoints in --out are deleted first), unless --resume: then a space or factor the JSON already has goes on from
 its checkpoint in --out (left there by an earlier command on the same machine) to the --curve budgets past its last
-point, so a curve longer than one device call (10 minutes) is measured in several, e.g. the pixel model to 960 s:
-`--spaces pixel --curve 15 30 60 120 240 480`, then the same with `--curve 960 --resume`.
-The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80 s). GPU time on one H200 (session 14), per
-invocation as the script counts it (the whole command about 12 s more): `--spaces pixel` 383 s with the judge's 80 s
-(5 budgets up to 240 s, 5 evaluations, a checkpoint loaded and saved at each budget), `--spaces latent` 386 s with
-the f=4 autoencoder's 120 s. Session 15, on one GPU of a two-H200 machine: one f of (b) with the defaults 264-285 s
-(120 s + 120 s of training, 3 evaluations: two factors fit one call); the pixel curve to 480 s 564 s, so only with
-the judge trained by an earlier command, then on to 960 s with --resume 495 s. A whole part in one command would pass the device's 10 minutes: split as shown, into one --out (each part's
-JSON is written after every evaluation and merged with the earlier ones; parts measured with another n, sampler,
-guidance, feature network, GPU model, first-stage seconds or mode are refused before anything trains).
+point, so a curve longer than one device call (10 minutes) is measured in several, e.g. the pixel model's default
+curve: `--spaces pixel --curve 15 30 60 120 240 480`, then the same with `--curve 960 --resume`.
+The judge is checkpoints/<mode>/judge_64.pt (trained there if missing: 80 s). GPU time on one H200 per invocation as
+the script counts it (the whole command about 12 s more). Session 14: `--spaces latent` 386 s with the f=4
+autoencoder's 120 s; `--spaces pixel` to 240 s 383 s with the judge's 80 s (5 evaluations, a checkpoint loaded and
+saved at each budget). Session 15, on one GPU of a two-H200 machine: the pixel curve to 480 s 564 s (the judge
+already there), then on to 960 s with --resume 495 s, so the default pixel curve takes about 18 minutes; one f of (b)
+with the defaults 264-285 s (120 s + 120 s of training, 3 evaluations: two factors fit one call). Where a command
+may run 10 minutes, split as shown, into one --out (each part's JSON is written after every evaluation and merged
+with the earlier ones; parts measured with another n, sampler, guidance, feature network, GPU model, first-stage
+seconds or mode are refused before anything trains).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
 the budget is checked every 10 steps. Every model trains eagerly (no torch.compile: each budget resumes in a new
 Trainer, which would compile again, about 30 s a time). The eager latent step at batch 256 is launch-bound on a big
@@ -74,6 +76,17 @@ MIN_RIGHT = 10  # an accuracy the pixel model reaches for fewer captions (object
 F_BATCH = {1: 32, 2: 128, 4: 256, 8: 256}  # (b): latent diffusion batch per f (about equal GPU memory)
 # what every part of one result shares: equal wall time means nothing across GPU models
 SAME_SETTINGS = ("n", "guidance", "sampler", "feature_network", "fast", "gpu", "ae_seconds")
+# seconds of training at which each run is evaluated, without --curve (fast mode: 1, 2). The pixel model goes on to
+# 960 s: until about 500 s it follows hardly any caption (session 15), and its final accuracy must be a level the
+# latent model can be timed to. Its first five points are the latent model's, so the two compare at equal seconds.
+DEFAULT_CURVES = {"pixel": [15, 30, 60, 120, 240, 480, 960], "latent": [15, 30, 60, 120, 240], "f-study": [30, 60, 120]}
+
+
+def curve_for(args, run: str, fast: bool) -> list[float]:
+    """The budgets of one run ("pixel", "latent" or "f-study"): --curve where given, else the defaults."""
+    if args.curve is not None:
+        return sorted(args.curve)
+    return [1, 2] if fast else DEFAULT_CURVES[run]
 
 
 def first_reach(points: list[dict], target: float, key: str = "caption") -> dict:
@@ -195,17 +208,19 @@ def merged(path: Path, key: str, new: dict, info: dict) -> dict:
     return result
 
 
-def common_info(rt, args) -> dict:
+def common_info(rt, args, curve: list[float]) -> dict:
     return {"device": rt.describe(), "gpu": rt.device_name(), "fast": rt.fast, "n": args.n, "guidance": GUIDANCE,
             "sampler": f"dpmpp_2m, {args.steps} steps", "feature_network": "the Shapes judge (not Inception)",
-            "curve_s": sorted(args.curve)}
+            "curve_s": sorted(curve)}
 
 
 # ---------------------------------------------------------------------------------------------- (a)
 
 
 def cmd_latent_vs_pixel(args, rt) -> dict:
-    path, info = args.out / "claims_latent_vs_pixel.json", common_info(rt, args)
+    curves = {space: curve_for(args, space, rt.fast) for space in args.spaces}
+    path = args.out / "claims_latent_vs_pixel.json"
+    info = common_info(rt, args, sorted(set().union(*curves.values())))
     refuse_other_settings(path, info)  # before minutes of training, not after them
     judge = judge_for(64 if not rt.fast else 32, rt, checkpoint_dir(rt.fast), progress=False)
     autoencoder = None
@@ -218,11 +233,11 @@ def cmd_latent_vs_pixel(args, rt) -> dict:
             autoencoder.requires_grad_(False)
             recipe = diffusion_recipe("latent", fast=rt.fast, latent_shape=autoencoder.cfg.latent_shape)
         stage = first_stage_scores(autoencoder, judge, rt, args.n) if space == "latent" else None
-        print(f"{space}: batch {recipe.train.batch_size}, curve {sorted(args.curve)} s"
+        print(f"{space}: batch {recipe.train.batch_size}, curve {curves[space]} s"
               + (f"; f=4 first stage: {first_stage_line(stage)}" if stage else ""), flush=True)
         run = {"batch": recipe.train.batch_size, **({"first_stage": stage} if stage else {})}
         run["curve"] = learning_curve(recipe, rt, args.out / f"claims_{space}.pt", judge,
-                                      autoencoder if space == "latent" else None, args.curve, args.n, args.steps,
+                                      autoencoder if space == "latent" else None, curves[space], args.n, args.steps,
                                       space, on_point=save_as_it_grows(path, "spaces", space, run, info),
                                       earlier=earlier_points(args, path, "spaces", space))
         result = merged(path, "spaces", {space: {**run, "finished": True}}, info)
@@ -328,7 +343,8 @@ def table_latent_vs_pixel(result: dict) -> str:
 
 def cmd_f_study(args, rt) -> dict:
     path = args.out / "claims_f_study.json"
-    info = {**common_info(rt, args), "ae_seconds": None if rt.fast else args.ae_seconds}
+    curve = curve_for(args, "f-study", rt.fast)
+    info = {**common_info(rt, args, curve), "ae_seconds": None if rt.fast else args.ae_seconds}
     refuse_other_settings(path, info)  # before minutes of training, not after them
     judge = judge_for(64 if not rt.fast else 32, rt, checkpoint_dir(rt.fast), progress=False)
     for f in args.f:
@@ -348,11 +364,11 @@ def cmd_f_study(args, rt) -> dict:
         stage = first_stage_scores(autoencoder, judge, rt, args.n)
         print(f"f={f}: latents {'x'.join(map(str, shape))}, autoencoder {ae_history[-1]['seconds']:.0f} s "
               f"({ae_history[-1]['step']} steps): {first_stage_line(stage)}; diffusion batch "
-              f"{recipe.train.batch_size}, curve {sorted(args.curve)} s", flush=True)
+              f"{recipe.train.batch_size}, curve {curve} s", flush=True)
         run = {"batch": recipe.train.batch_size, "latent_shape": list(shape),
                "autoencoder_seconds": ae_history[-1]["seconds"], "autoencoder_steps": ae_history[-1]["step"],
                "first_stage": stage}
-        run["curve"] = learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder, args.curve,
+        run["curve"] = learning_curve(recipe, rt, args.out / f"claims_ldm_f{f}.pt", judge, autoencoder, curve,
                                       args.n, args.steps, f"f={f}",
                                       on_point=save_as_it_grows(path, "factors", str(f), run, info),
                                       earlier=earlier_points(args, path, "factors", str(f)))
@@ -422,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("latent-vs-pixel", help="(a): latent (f=4) vs pixel diffusion by quality at equal time")
     a.add_argument("--spaces", nargs="+", choices=["pixel", "latent"], default=["pixel", "latent"])
     a.add_argument("--curve", type=float, nargs="+", default=None,
-                   help="seconds of training at which to evaluate (default 15 30 60 120 240; fast: 1 2)")
+                   help="seconds of training at which to evaluate, for every space given (default: pixel 15 30 60 120 "
+                        "240 480 960, latent 15 30 60 120 240; fast: 1 2)")
     b = sub.add_parser("f-study", help="(b): latent diffusion with f = 1, 2, 4, 8 at the same budget")
     b.add_argument("--f", type=int, nargs="+", choices=[1, 2, 4, 8], default=[1, 2, 4, 8])
     b.add_argument("--curve", type=float, nargs="+", default=None,
@@ -446,10 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     rt = setup(seed=0, fast=True if args.fast else None)
     if args.n is None:
         args.n = 8 if rt.fast else 256
-    if args.curve is None:
-        full = [15, 30, 60, 120, 240] if args.part == "latent-vs-pixel" else [30, 60, 120]
-        args.curve = [1, 2] if rt.fast else full
-    if any(not math.isfinite(c) or c <= 0 for c in args.curve):
+    if args.curve is not None and any(not math.isfinite(c) or c <= 0 for c in args.curve):
         raise SystemExit(f"--curve takes positive seconds of training, got {args.curve}")
     if rt.fast:
         args.steps = min(args.steps, 5)

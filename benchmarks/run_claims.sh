@@ -5,14 +5,14 @@
 # STEPs (checked before any runs; the script stops at the first that fails and returns its status):
 #   judge          train the Shapes judge alone (80 s): a later step of 9+ minutes then fits the 10-minute limit
 #                  (or carry a judge of an earlier run, checkpoints/full/judge_64.pt, as session 15 did)
-#   pixel, latent  (a) latent vs pixel, one space each (about 6.5 min each on one H200, the judge's 80 s included
-#                  when it is missing). Where $CLAIMS has no result yet, the committed one
-#                  (benchmarks/results/h200/claims_latent_vs_pixel.json) is the start, so one space can run again
-#                  against the other's measured curve (claims.py refuses it if that was measured with other settings
-#                  or on another GPU model). CURVE="15 30 60 120 240 480" sets --curve (pixel to 480 s: about 9.6
-#                  min, after `judge`); RESUME=1 adds --resume (going on from the checkpoint of an earlier call on
-#                  this machine: CURVE=960 RESUME=1 ... pixel takes that pixel model on to 960 s). CURVE and RESUME
-#                  apply to every step of the call.
+#   pixel, latent  (a) latent vs pixel, one space each (latent about 6.5 min on one H200; pixel's default curve, to
+#                  960 s, about 18 min: past one device call, so give it CURVE as below). Where $CLAIMS has no
+#                  result yet, the committed one (benchmarks/results/h200/claims_latent_vs_pixel.json) is the start,
+#                  so one space can run again against the other's measured curve (claims.py refuses it if that was
+#                  measured with other settings or on another GPU model). CURVE="15 30 60 120 240 480" sets --curve
+#                  (pixel to 480 s: about 9.6 min, with the judge there already); RESUME=1 adds --resume (going on
+#                  from the checkpoint of an earlier call on this machine: CURVE=960 RESUME=1 ... pixel takes that
+#                  pixel model on to 960 s). CURVE and RESUME apply to every step of the call.
 #   f1 f2 f4 f8    (b) the f-study, one factor each (about 4.7 min each with the defaults: two fit a call), from
 #                  scratch in $CLAIMS (the committed f-study is not its start: run all four into one $CLAIMS)
 #   nb:<notebook>  run a notebook (scripts/run_notebooks.py) after copying $CLAIMS's JSON into
