@@ -1,7 +1,7 @@
 """The LDM paper's two central claims, measured small on Shapes (stage 11): by quality, not only by speed.
 
-    python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) 18 min on one H200,
-    python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     then 6.5 min
+    python benchmarks/claims.py latent-vs-pixel --spaces pixel --out runs/claims    # (a) 18 min on one H200 (in
+    python benchmarks/claims.py latent-vs-pixel --spaces latent --out runs/claims   #     two, see --resume), 6.5 min
     python benchmarks/claims.py f-study --f 1 --out runs/claims                     # (b) about 4.7 min per f
     python benchmarks/claims.py f-study --f 2 --out runs/claims                     #     (benchmarks/run_claims.sh
     ...                                                                             #     runs them one by one)
@@ -40,7 +40,7 @@ autoencoder's 120 s; `--spaces pixel` to 240 s 383 s with the judge's 80 s (5 ev
 saved at each budget). Session 15, on one GPU of a two-H200 machine: the pixel curve to 480 s 564 s (the judge
 already there), then on to 960 s with --resume 495 s, so the default pixel curve takes about 18 minutes; one f of (b)
 with the defaults 264-285 s (120 s + 120 s of training, 3 evaluations: two factors fit one call). Where a command
-may run 10 minutes, split as shown, into one --out (each part's JSON is written after every evaluation and merged
+may run only 10 minutes, split as shown, into one --out (each part's JSON is written after every evaluation and merged
 with the earlier ones; parts measured with another n, sampler, guidance, feature network, GPU model, first-stage
 seconds or mode are refused before anything trains).
 Training seconds count drawing and encoding the data, not evaluations or checkpoint saves (none inside the clock);
@@ -84,9 +84,8 @@ DEFAULT_CURVES = {"pixel": [15, 30, 60, 120, 240, 480, 960], "latent": [15, 30, 
 
 def curve_for(args, run: str, fast: bool) -> list[float]:
     """The budgets of one run ("pixel", "latent" or "f-study"): --curve where given, else the defaults."""
-    if args.curve is not None:
-        return sorted(args.curve)
-    return [1, 2] if fast else DEFAULT_CURVES[run]
+    curve = args.curve if args.curve is not None else [1, 2] if fast else DEFAULT_CURVES[run]
+    return sorted(float(b) for b in curve)
 
 
 def first_reach(points: list[dict], target: float, key: str = "caption") -> dict:
@@ -453,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in (a, b):
         s.add_argument("--resume", action="store_true",
                        help="go on from the checkpoints and JSON an earlier command left in --out (the same machine): "
-                            "train and evaluate only the --curve budgets past its last point")
+                            "train and evaluate only the budgets (--curve or the defaults) past its last point")
         s.add_argument("-n", type=int, default=None, help="held-out captions per evaluation (default 256; fast: 8)")
         s.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps per sample (default 20)")
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@
 #   OUT=<results folder> bash benchmarks/run_claims.sh STEP...
 # STEPs (checked before any runs; the script stops at the first that fails and returns its status):
 #   judge          train the Shapes judge alone (80 s): a later step of 9+ minutes then fits the 10-minute limit
-#                  (or carry a judge of an earlier run, checkpoints/full/judge_64.pt, as session 15 did)
+#                  (or bring the judge of an earlier run along, checkpoints/full/judge_64.pt, as session 15 did)
 #   pixel, latent  (a) latent vs pixel, one space each (latent about 6.5 min on one H200; pixel's default curve, to
 #                  960 s, about 18 min: past one device call, so give it CURVE as below). Where $CLAIMS has no
 #                  result yet, the committed one (benchmarks/results/h200/claims_latent_vs_pixel.json) is the start,
@@ -22,9 +22,12 @@
 # A step the device stops at its time limit leaves its saved points in $CLAIMS only: the next call copies them out.
 # With no STEP it only installs the wheels. On a machine of several GPUs, give each GPU a lane of its own, with its
 # own $CLAIMS and $OUT (the wheels installed first, once), and merge nothing by hand: one lane per part's JSON, e.g.
-#   bash benchmarks/run_claims.sh && (CUDA_VISIBLE_DEVICES=0 CLAIMS=/tmp/c0 OUT=$OUT/gpu0 bash benchmarks/run_claims.sh
-#   pixel & CUDA_VISIBLE_DEVICES=1 CLAIMS=/tmp/c1 OUT=$OUT/gpu1 bash benchmarks/run_claims.sh f8 f4 & wait)
-# Each lane times its own GPU alone; two lanes share the host's CPU cores (32 on a two-H200 machine).
+#   bash benchmarks/run_claims.sh && (CUDA_VISIBLE_DEVICES=0 CLAIMS=/tmp/c0 OUT=$OUT/gpu0 CURVE="15 30 60 120 240 480"
+#   bash benchmarks/run_claims.sh pixel & CUDA_VISIBLE_DEVICES=1 CLAIMS=/tmp/c1 OUT=$OUT/gpu1 bash
+#   benchmarks/run_claims.sh f8 f4 & wait)   (9.8 minutes on two H200s; the next call: CURVE=960 RESUME=1 ... pixel
+#   beside f1 f2, into the same $CLAIMS folders)
+# Each lane has a GPU of its own, but the lanes share the host's CPU cores (32 on a two-H200 machine): a pixel lane
+# beside an f-study lane made 7.4% fewer steps a second than alone on a one-H200 machine (docs/measured.md, 15).
 set -u -o pipefail
 OUT=${OUT:-runs/claims_out}; CLAIMS=${CLAIMS:-/tmp/claims}
 for step in "$@"; do
