@@ -207,7 +207,7 @@ def merged(path: Path, key: str, new: dict, info: dict) -> dict:
     return result
 
 
-def common_info(rt, args, curve: list[float]) -> dict:
+def common_info(rt, args, curve) -> dict:
     return {"device": rt.describe(), "gpu": rt.device_name(), "fast": rt.fast, "n": args.n, "guidance": GUIDANCE,
             "sampler": f"dpmpp_2m, {args.steps} steps", "feature_network": "the Shapes judge (not Inception)",
             "curve_s": sorted(curve)}
@@ -219,7 +219,7 @@ def common_info(rt, args, curve: list[float]) -> dict:
 def cmd_latent_vs_pixel(args, rt) -> dict:
     curves = {space: curve_for(args, space, rt.fast) for space in args.spaces}
     path = args.out / "claims_latent_vs_pixel.json"
-    info = common_info(rt, args, sorted(set().union(*curves.values())))
+    info = common_info(rt, args, set().union(*curves.values()))  # curve_s: every budget of any space
     refuse_other_settings(path, info)  # before minutes of training, not after them
     judge = judge_for(64 if not rt.fast else 32, rt, checkpoint_dir(rt.fast), progress=False)
     autoencoder = None

@@ -100,12 +100,12 @@ def quality_over_time(result: dict, key: str, title: str):
         seconds = [p["seconds"] for p in run["curve"]]
         a1.plot(seconds, [100 * p["caption"] for p in run["curve"]], "o-", label=label)
         a2.plot(seconds, [p["fd_ratio"] for p in run["curve"]], "o-", label=label)
-    if "target_caption" in result:
-        a1.axhline(100 * result["target_caption"], color="gray", ls="--", lw=1, label="pixel model's final")
+    targets = result.get("targets", {})  # (a) only: the pixel model's final levels
+    for ax, measure, scale in ((a1, "caption", 100), (a2, "fd_ratio", 1)):
+        if measure in targets:
+            ax.axhline(scale * targets[measure]["target"], color="gray", ls="--", lw=1, label="pixel model's final")
     a1.set_ylabel("captions right (%)")
     a2.set_ylabel("FD / real-data floor")
-    if "targets" in result and "fd_ratio" in result["targets"]:
-        a2.axhline(result["targets"]["fd_ratio"]["target"], color="gray", ls="--", lw=1, label="pixel model's final")
     a2.axhline(1, color="black", ls=":", lw=1, label="real data (the floor)")
     a2.set_yscale("log")
     a2.set_ylim(bottom=min(a2.get_ylim()[0], 0.9))
